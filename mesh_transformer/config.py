@@ -1,0 +1,360 @@
+"""Typed configuration, read from the original mesh-transformer-jax JSON keys and validated once.
+
+Every key of the original configs is accepted with its original meaning; new keys (``mesh``,
+``tokenizer``, ``seed``, dtypes, remat...) are optional. The rest of the code receives the frozen
+dataclasses defined here, never raw dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh_transformer import storage
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ROTARY_STYLES = ("gptj", "neox")
+SUPPORTED_PE = ("rotary",)
+SUPPORTED_NORMS = ("layernorm",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layers: int
+    d_model: int
+    n_heads: int
+    n_vocab: int
+    seq: int
+    norm: str = "layernorm"
+    pe: str = "rotary"
+    pe_rotary_dims: int | None = None
+    rotary_style: str = "gptj"
+    rotary_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    d_head: int | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "full"
+    scan_layers: bool = True
+    scan_unroll: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_head or self.d_model // self.n_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.pe_rotary_dims if self.pe_rotary_dims is not None else self.head_dim
+
+    @property
+    def d_ff(self) -> int:
+        return 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    dp: int = -1
+    fsdp: int = 1
+    mp: int = 1
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float
+    end_lr: float | None = None
+    warmup_steps: int = 0
+    anneal_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    z_loss: float = 0.0
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr if self.end_lr is None else self.end_lr
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    per_replica_batch: int = 1
+    gradient_accumulation_steps: int = 1
+    total_steps: int = 1
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_every: int | None = None
+    keep_last: int = 3
+    val_every: int = 500
+    val_batches: int = 100
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where data comes from and where results go; identifiers for logging."""
+
+    model_dir: str = ""
+    bucket: str = ""
+    train_set: str = ""
+    val_set: dict[str, str] = field(default_factory=dict)
+    tokenizer: str = "gpt2"
+    name: str = "mesh_transformer"
+    wandb_project: str | None = None
+    tensorboard_dir: str | None = None
+    comment: str = ""
+    eval_harness_tasks: tuple[str, ...] = ()
+    tpu_size: int | None = None
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """``gs://{bucket}/{model_dir}`` when a bucket is set, as in the original; else model_dir."""
+        if self.bucket:
+            return f"gs://{self.bucket}/{self.model_dir}"
+        return self.model_dir
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    mesh: MeshConfig | None
+    optimizer: OptimizerConfig
+    train: TrainConfig
+    run: RunConfig
+    cores_per_replica: int = 1
+    source: str = "<dict>"
+
+    def mesh_request(self) -> MeshConfig:
+        """The mesh asked for: the explicit ``mesh`` key, or the original's (dp=rest, mp=cores_per_replica)."""
+        return self.mesh or MeshConfig(dp=-1, fsdp=1, mp=self.cores_per_replica)
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+# Keys that the original code read but that have no separate effect here, with the reason.
+_LEGACY_NOTES = {
+    "early_cast": "parameters are cast to compute_dtype inside each layer",
+    "bf16_optimizer": "optimizer state follows param_dtype",
+    "early_collect": "XLA schedules collectives itself",
+    "eval_only": "use eval_harness.py for evaluation-only runs",
+    "gen_length": "sampling takes the length per request",
+    "val_batch_multiplier": "set val_batches instead",
+    "noise_scale_alpha": "gradient noise scale is not tracked",
+}
+
+# Which top-level JSON key feeds which section and field.
+_SECTION_OF = {
+    **{f.name: ("model", f.name) for f in dataclasses.fields(ModelConfig)},
+    **{f.name: ("optimizer", f.name) for f in dataclasses.fields(OptimizerConfig)},
+    **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
+    **{f.name: ("run", f.name) for f in dataclasses.fields(RunConfig)},
+}
+_TOP_LEVEL_KEYS = {"mesh", "cores_per_replica"}
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a JSON config from a local path or URL."""
+    try:
+        raw = json.loads(storage.read_text(path))
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
+    return parse_config(raw, source=path)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a config dict (original or new keys) into typed sections."""
+    sections: dict[str, dict[str, Any]] = {"model": {}, "optimizer": {}, "train": {}, "run": {}}
+    for key, value in raw.items():
+        if key in _LEGACY_NOTES:
+            log.info("config key %r accepted without separate effect: %s", key, _LEGACY_NOTES[key])
+            continue
+        if key in _TOP_LEVEL_KEYS:
+            continue
+        if key not in _SECTION_OF:
+            raise ConfigError(_unknown_key_message(source, key))
+        section, name = _SECTION_OF[key]
+        sections[section][name] = value
+    if "val_set" in sections["run"] and isinstance(sections["run"]["val_set"], str):
+        sections["run"]["val_set"] = {"val": sections["run"]["val_set"]}
+    if "eval_harness_tasks" in sections["run"] and isinstance(sections["run"]["eval_harness_tasks"], list):
+        sections["run"]["eval_harness_tasks"] = tuple(sections["run"]["eval_harness_tasks"])
+
+    config = Config(
+        model=_build(ModelConfig, sections["model"], source),
+        mesh=_build_mesh(raw.get("mesh"), source),
+        optimizer=_build(OptimizerConfig, sections["optimizer"], source),
+        train=_build(TrainConfig, sections["train"], source),
+        run=_build(RunConfig, sections["run"], source),
+        cores_per_replica=_checked_value(source, "cores_per_replica", raw.get("cores_per_replica", 1), int),
+        source=source,
+    )
+    validate(config)
+    return config
+
+
+def _unknown_key_message(source: str, key: str) -> str:
+    known = sorted(set(_SECTION_OF) | _TOP_LEVEL_KEYS | set(_LEGACY_NOTES))
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"{source}: unknown config key {key!r}.{hint} Remove it or fix its spelling."
+
+
+def _build(cls, values: dict[str, Any], source: str):
+    hints = typing.get_type_hints(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
+    if missing:
+        raise ConfigError(f"{source}: missing required config key {missing[0]!r} ({_describe(hints[missing[0]])}).")
+    checked = {name: _checked_value(source, name, value, hints[name]) for name, value in values.items()}
+    return cls(**checked)
+
+
+def _build_mesh(raw_mesh: Any, source: str) -> MeshConfig | None:
+    if raw_mesh is None:
+        return None
+    if not isinstance(raw_mesh, dict):
+        raise ConfigError(f'{source}: config key "mesh" must be an object like {{"dp": 2, "fsdp": 1, "mp": 4}}.')
+    unknown = set(raw_mesh) - {"dp", "fsdp", "mp"}
+    if unknown:
+        raise ConfigError(f'{source}: "mesh" has unknown axis {sorted(unknown)[0]!r}; the axes are dp, fsdp and mp.')
+    sizes = {axis: _checked_value(source, f"mesh.{axis}", raw_mesh.get(axis, 1), int) for axis in ("dp", "fsdp", "mp")}
+    if sum(1 for v in sizes.values() if v == -1) > 1:
+        raise ConfigError(f'{source}: at most one "mesh" axis may be -1 (meaning: the remaining devices).')
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f'{source}: "mesh.{axis}" must be a positive integer or -1, got {size}.')
+    return MeshConfig(**sizes)
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _describe(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is dict:
+        return "an object mapping names to strings"
+    if origin is tuple:
+        return "a list of strings"
+    return str(tp)
+
+
+def _checked_value(source: str, key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` if it matches type ``tp`` (ints accepted as floats), else raise a ConfigError."""
+    if _matches(value, tp):
+        return float(value) if tp is float or (_is_optional_of(tp, float) and value is not None) else value
+    raise ConfigError(f"{source}: config key {key!r} must be {_describe(tp)}, got {value!r} ({type(value).__name__}).")
+
+
+def _is_optional_of(tp: Any, inner: type) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and inner in typing.get_args(tp)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (str, bool):
+        return isinstance(value, tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(value is None if a is type(None) else _matches(value, a) for a in typing.get_args(tp))
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if origin is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    raise TypeError(f"unsupported config field type {tp}")
+
+
+def _choice(source: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{source}: config key {key!r} is {value!r}; supported values: {', '.join(allowed)}.")
+
+
+def _positive(source: str, key: str, value: int | float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{source}: config key {key!r} must be {bound}, got {value}.")
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that need no devices; mesh divisibility is checked in ``check_mesh_fits``."""
+    src, m = config.source, config.model
+    for key in ("layers", "d_model", "n_heads", "n_vocab", "seq"):
+        _positive(src, key, getattr(m, key))
+    _choice(src, "norm", m.norm, SUPPORTED_NORMS)
+    _choice(src, "pe", m.pe, SUPPORTED_PE)
+    _choice(src, "rotary_style", m.rotary_style, ROTARY_STYLES)
+    _choice(src, "param_dtype", m.param_dtype, DTYPES)
+    _choice(src, "compute_dtype", m.compute_dtype, DTYPES)
+    _choice(src, "remat", m.remat, REMAT_POLICIES)
+    _positive(src, "scan_unroll", m.scan_unroll)
+    if m.d_head is None and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"{src}: d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads}), or set d_head explicitly."
+        )
+    if m.rotary_dims % 2 or not 0 < m.rotary_dims <= m.head_dim:
+        raise ConfigError(
+            f"{src}: pe_rotary_dims ({m.rotary_dims}) must be even and between 2 and the head size ({m.head_dim})."
+        )
+    t, o = config.train, config.optimizer
+    for key in ("per_replica_batch", "gradient_accumulation_steps", "total_steps", "ckpt_every", "val_every",
+                "keep_last", "log_every"):
+        _positive(src, key, getattr(t, key))
+    _positive(src, "val_batches", t.val_batches, allow_zero=True)
+    if t.keep_every is not None:
+        _positive(src, "keep_every", t.keep_every)
+    for key in ("warmup_steps", "anneal_steps"):
+        _positive(src, key, getattr(o, key), allow_zero=True)
+    _positive(src, "lr", o.lr, allow_zero=True)
+    _positive(src, "weight_decay", o.weight_decay, allow_zero=True)
+    _positive(src, "z_loss", o.z_loss, allow_zero=True)
+    _positive(src, "cores_per_replica", config.cores_per_replica)
+
+
+def check_mesh_fits(config: Config, dp: int, fsdp: int, mp: int) -> None:
+    """Raise a ConfigError if the model's sharded dimensions do not divide the mesh axes."""
+    m, src = config.model, config.source
+    fix = 'change "mesh" (or cores_per_replica) or the model shape'
+    for key, size in (("n_heads", m.n_heads), ("n_vocab", m.n_vocab)):
+        if size % mp:
+            raise ConfigError(f"{src}: {key} ({size}) must be divisible by the mp (tensor-parallel) size {mp}; {fix}.")
+    if m.d_model % fsdp:
+        raise ConfigError(f"{src}: d_model ({m.d_model}) must be divisible by the fsdp size {fsdp}; {fix}.")
+
+
+def to_json_dict(config: Config) -> dict[str, Any]:
+    """A flat JSON dict in the original key style (round-trips through ``parse_config``)."""
+    flat: dict[str, Any] = {}
+    for section in (config.model, config.optimizer, config.train, config.run):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            flat[f.name] = list(value) if isinstance(value, tuple) else value
+    flat["cores_per_replica"] = config.cores_per_replica
+    if config.mesh is not None:
+        flat["mesh"] = dataclasses.asdict(config.mesh)
+    return flat

@@ -1,0 +1,193 @@
+"""The GPT-J transformer as pure Flax modules (no I/O).
+
+    h_0 = wte[tokens]
+    h_{l+1} = h_l + attn(ln_l(h_l)) + mlp(ln_l(h_l))        one LayerNorm feeds both branches
+    logits = lm_head(ln_f(h_L))                              untied, with bias
+
+Every weight is created with logical axis names (see ``sharding.LOGICAL_AXIS_RULES``), and the layer
+stack is one ``nn.scan`` over a single block, so parameters of all layers are stacked on a leading
+``layers`` axis and compile time does not grow with depth. Parameter names follow Hugging Face's
+``GPTJForCausalLM`` so that conversion is a short table.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mesh_transformer.config import ModelConfig
+from mesh_transformer.sharding import constrain
+
+INIT_STDDEV = 0.02
+STACKED_LAYERS = "blocks"  # the params subtree whose leaves have a leading layers axis
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _kernel_init(names: tuple[str, ...], stddev: float = INIT_STDDEV):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def _zeros(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _dense(cfg: ModelConfig, features: int, names: tuple[str, str], name: str, use_bias: bool,
+           stddev: float = INIT_STDDEV) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype_of(cfg.compute_dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=_kernel_init(names, stddev),
+        bias_init=_zeros(names[1:]),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        dtype=dtype_of(cfg.compute_dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=_zeros(("norm",)),
+        name=name,
+    )
+
+
+def _residual_stddev(cfg: ModelConfig) -> float:
+    """GPT-2 style: projections that write into the residual stream start smaller with depth."""
+    return INIT_STDDEV / (2 * cfg.layers) ** 0.5
+
+
+def rotary_angles(positions: jax.Array, rotary_dims: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of shape (batch, length, rotary_dims // 2), computed in float32."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dims, 2, dtype=jnp.float32) / rotary_dims))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, style: str) -> jax.Array:
+    """Rotate the first 2*sin.shape[-1] dims of each head of x (batch, length, heads, head_dim).
+
+    ``gptj`` rotates interleaved pairs (x0, x1) -> (-x1, x0); ``neox`` rotates the two halves.
+    """
+    rotary_dims = 2 * sin.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dims].astype(jnp.float32), x[..., rotary_dims:]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    if style == "gptj":
+        sin, cos = jnp.repeat(sin, 2, axis=-1), jnp.repeat(cos, 2, axis=-1)
+        rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], axis=-1).reshape(x_rot.shape)
+    else:
+        sin, cos = jnp.concatenate([sin, sin], -1), jnp.concatenate([cos, cos], -1)
+        half = rotary_dims // 2
+        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        inner = cfg.n_heads * cfg.head_dim
+        batch, length, _ = x.shape
+
+        def project(name: str) -> jax.Array:
+            y = _dense(cfg, inner, ("embed", "heads"), name, use_bias=False)(x)
+            y = y.reshape(batch, length, cfg.n_heads, cfg.head_dim)
+            return constrain(y, ("batch", "length", "act_heads", "head_dim"))
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        sin, cos = rotary_angles(positions, cfg.rotary_dims, cfg.rotary_base)
+        q = apply_rotary(q, sin, cos, cfg.rotary_style)
+        k = apply_rotary(k, sin, cos, cfg.rotary_style)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out = constrain(out.reshape(batch, length, inner), ("batch", "length", "act_heads"))
+        return _dense(cfg, cfg.d_model, ("heads", "embed"), "out_proj", use_bias=False,
+                      stddev=_residual_stddev(cfg))(out)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        h = _dense(cfg, cfg.d_ff, ("embed", "mlp"), "fc_in", use_bias=True)(x)
+        h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "length", "act_mlp"))
+        return _dense(cfg, cfg.d_model, ("mlp", "embed"), "fc_out", use_bias=True,
+                      stddev=_residual_stddev(cfg))(h)
+
+
+class Block(nn.Module):
+    """One GPT-J layer; the (carry, _) signature lets ``nn.scan`` stack it."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
+        h = _layer_norm(self.cfg, "ln_1")(x)
+        x = x + Attention(self.cfg, name="attn")(h, positions) + MLP(self.cfg, name="mlp")(h)
+        return constrain(x, ("batch", "length", "act_embed")), None
+
+
+def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=cfg.layers,
+        unroll=min(cfg.scan_unroll, cfg.layers),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Transformer(nn.Module):
+    """Tokens (batch, length) -> logits (batch, length, n_vocab) in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = nn.Embed(
+            cfg.n_vocab,
+            cfg.d_model,
+            dtype=dtype_of(cfg.compute_dtype),
+            param_dtype=dtype_of(cfg.param_dtype),
+            embedding_init=_kernel_init(("vocab", "embed")),
+            name="wte",
+        )(tokens)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x, _ = _layer_stack(cfg)(cfg, name=STACKED_LAYERS)(x, positions)
+        x = _layer_norm(cfg, "ln_f")(x)
+        logits = _dense(cfg, cfg.n_vocab, ("embed", "vocab"), "lm_head", use_bias=True)(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def count_params(params) -> int:
+    return sum(int(p.size) for p in jax.tree.leaves(params))
+
+
+def non_embedding_params(params) -> int:
+    """Parameters excluding the input embedding (the lm_head counts), as used for FLOP accounting."""
+    return count_params(params) - int(params["wte"]["embedding"].size)

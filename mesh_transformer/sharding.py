@@ -1,0 +1,108 @@
+"""The device mesh and the ONE table that maps logical axis names to mesh axes.
+
+Model code names the axes of every weight and activation (``embed``, ``heads``, ``mlp``, ``vocab``,
+``batch``...). ``LOGICAL_AXIS_RULES`` decides which mesh axis each name is split over, so changing
+dp / fsdp / mp is a config change and never a model change:
+
+- ``dp``: pure data parallelism (batch split, weights replicated);
+- ``fsdp``: batch split AND weights / optimizer state split on their ``embed`` dimension (ZeRO-3);
+- ``mp``: Megatron-style tensor parallelism over heads, MLP hidden units and vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mesh_transformer.config import Config, ConfigError, MeshConfig, check_mesh_fits
+
+MESH_AXES = ("dp", "fsdp", "mp")
+
+LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # weights
+    "vocab": "mp",
+    "embed": "fsdp",
+    "heads": "mp",
+    "mlp": "mp",
+    "layers": None,
+    "norm": None,
+    # activations
+    "batch": ("dp", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "mp",
+    "act_mlp": "mp",
+    "act_vocab": "mp",
+    "head_dim": None,
+    "microbatch": None,
+}
+
+
+def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
+    """The mesh PartitionSpec for a tuple of logical axis names."""
+    try:
+        return PartitionSpec(*(None if n is None else LOGICAL_AXIS_RULES[n] for n in names))
+    except KeyError as e:
+        raise KeyError(f"logical axis {e.args[0]!r} has no entry in LOGICAL_AXIS_RULES") from None
+
+
+def resolve_mesh_shape(request: MeshConfig, n_devices: int, source: str = "config") -> tuple[int, int, int]:
+    """Fill in a -1 axis with the remaining devices and check the product equals the device count."""
+    sizes = [request.dp, request.fsdp, request.mp]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(
+                f"{source}: mesh {dict(zip(MESH_AXES, sizes))} cannot fill {n_devices} devices: "
+                f"{n_devices} is not divisible by {known}. Change \"mesh\" or cores_per_replica."
+            )
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(
+            f"{source}: mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+            f"{n_devices} are available. Make dp*fsdp*mp equal the device count (one axis may be -1)."
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Build the (dp, fsdp, mp) mesh the config asks for, after checking the model divides it."""
+    devices = list(jax.devices() if devices is None else devices)
+    dp, fsdp, mp = resolve_mesh_shape(config.mesh_request(), len(devices), config.source)
+    check_mesh_fits(config, dp, fsdp, mp)
+    return mesh_from_shape((dp, fsdp, mp), devices)
+
+
+def mesh_from_shape(shape: tuple[int, int, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    grid = np.asarray(devices[: math.prod(shape)], dtype=object).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names))
+
+
+def tree_shardings(mesh: Mesh, logical_tree) -> object:
+    """Map a pytree of logical-name tuples (PartitionSpecs of names) to NamedShardings."""
+    return jax.tree.map(
+        lambda names: named_sharding(mesh, tuple(names)),
+        logical_tree,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout by logical names; a no-op outside a mesh context."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways the batch is split (dp * fsdp): the original's number of replicas."""
+    return mesh.shape["dp"] * mesh.shape["fsdp"]

@@ -1,0 +1,190 @@
+"""Loss, optimizer, learning-rate schedule, train state and the jitted train / eval steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mesh_transformer.config import Config, OptimizerConfig
+from mesh_transformer.model import STACKED_LAYERS, Transformer
+from mesh_transformer.sharding import named_sharding, tree_shardings
+
+# A batch is (microbatches, batch, seq + 1): tokens and a 0/1 mask of real (non-padding) tokens.
+BATCH_AXES = ("microbatch", "batch", "length")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def gpt3_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    """The original's schedule: linear warmup from 0, cosine to ``end_lr`` over ``anneal_steps``, then flat.
+
+    ``warmup_steps: 0`` starts at the peak; ``anneal_steps: 0`` keeps the peak after warmup.
+    """
+    peak, end = cfg.lr, cfg.final_lr
+
+    def schedule(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.float32)
+        warmup = jnp.clip(step / cfg.warmup_steps, 0.0, 1.0) if cfg.warmup_steps else 1.0
+        if not cfg.anneal_steps:
+            return warmup * peak
+        progress = jnp.clip((step - cfg.warmup_steps) / cfg.anneal_steps, 0.0, 1.0)
+        return warmup * peak - (peak - end) * (1.0 - jnp.cos(jnp.pi * progress)) / 2.0
+
+    return schedule
+
+
+def decay_mask(params) -> Any:
+    """Weight decay applies to matrices only: biases and norm scales/offsets are left alone.
+
+    Parameters under ``blocks`` carry a leading stacked ``layers`` axis that does not count.
+    """
+
+    def is_matrix(path, p) -> bool:
+        stacked = getattr(path[0], "key", None) == STACKED_LAYERS
+        return p.ndim - int(stacked) > 1
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """Clip, Adam and decoupled weight decay; the learning rate is applied by the step from the schedule.
+
+    Keeping the schedule outside the optimizer state lets a fine-tune restart the schedule at step 0
+    while keeping (or dropping) Adam's moments.
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0,
+                  real_vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed token loss and token count; ids >= real_vocab (vocab padding) get no probability."""
+    logits = logits.astype(jnp.float32)
+    if real_vocab is not None and real_vocab < logits.shape[-1]:
+        padded = jnp.arange(logits.shape[-1]) >= real_vocab
+        logits = jnp.where(padded, jnp.finfo(jnp.float32).min, logits)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    token_loss = lse - target_logit + z_loss * jnp.square(lse)
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(token_loss * mask), jnp.sum(mask)
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Everything needed to build and run the jitted steps for one config on one mesh."""
+
+    config: Config
+    mesh: Mesh
+    real_vocab: int | None = None
+
+    @property
+    def model(self) -> Transformer:
+        return Transformer(self.config.model)
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.config.optimizer)
+
+    # ----- state -----
+    def _init_state(self, rng: jax.Array) -> TrainState:
+        seq = self.config.model.seq
+        params_rng, state_rng = jax.random.split(rng)
+        variables = self.model.init(params_rng, jnp.zeros((1, seq), jnp.int32))
+        params = nn.unbox(variables["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.optimizer.init(params), rng=state_rng)
+
+    def state_shardings(self) -> TrainState:
+        """NamedShardings of every leaf of the train state, derived from the logical names."""
+        rng = jax.random.key(0)
+        boxed = jax.eval_shape(lambda: self.model.init(rng, jnp.zeros((1, self.config.model.seq), jnp.int32)))
+        param_shardings = tree_shardings(self.mesh, nn.get_partition_spec(boxed["params"]))
+        abstract = jax.eval_shape(self._init_state, rng)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        # Adam's moments are shaped like the parameters and share their sharding (ZeRO-style).
+        opt_shardings = optax.tree_map_params(
+            self.optimizer, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+        return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and target shardings of the state, e.g. for restoring a checkpoint."""
+        shapes = jax.eval_shape(self._init_state, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings())
+
+    def init_state(self, seed: int) -> TrainState:
+        init = jax.jit(self._init_state, out_shardings=self.state_shardings())
+        return init(jax.random.key(seed))
+
+    def fresh_optimizer(self, state: TrainState) -> TrainState:
+        init = jax.jit(self.optimizer.init, out_shardings=self.state_shardings().opt_state)
+        return state.replace(opt_state=init(state.params))
+
+    # ----- steps -----
+    def batch_sharding(self) -> NamedSharding:
+        return named_sharding(self.mesh, BATCH_AXES)
+
+    def _loss_sums(self, params, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = self.model.apply({"params": params}, tokens[:, :-1])
+        return cross_entropy(logits, tokens[:, 1:], mask[:, 1:], self.config.optimizer.z_loss, self.real_vocab)
+
+    def _accumulated_grads(self, params, tokens: jax.Array, mask: jax.Array):
+        """Sum loss, token count and gradients over micro-batches with a scan, then normalise once."""
+
+        def micro_step(carry, micro):
+            loss_sum, count, grads = carry
+            (loss, n), g = jax.value_and_grad(self._loss_sums, has_aux=True)(params, *micro)
+            return (loss_sum + loss, count + n, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, count, grads), _ = jax.lax.scan(micro_step, (0.0, 0.0, zeros), (tokens, mask))
+        count = jnp.maximum(count, 1.0)
+        return loss_sum / count, jax.tree.map(lambda g: g / count, grads)
+
+    def _train_step(self, state: TrainState, tokens: jax.Array, mask: jax.Array):
+        loss, grads = self._accumulated_grads(state.params, tokens, mask)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        lr = gpt3_schedule(self.config.optimizer)(state.step)
+        params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+        metrics = {"loss": loss, "learning_rate": lr, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_step(self, params, tokens: jax.Array, mask: jax.Array):
+        def micro(carry, batch):
+            loss, n = self._loss_sums(params, *batch)
+            return (carry[0] + loss, carry[1] + n), None
+
+        (loss_sum, count), _ = jax.lax.scan(micro, (0.0, 0.0), (tokens, mask))
+        return loss_sum, count
+
+    def jit_train_step(self):
+        shardings = self.state_shardings()
+        batch = self.batch_sharding()
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(self._train_step, in_shardings=(shardings, batch, batch),
+                       out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+    def jit_eval_step(self):
+        batch = self.batch_sharding()
+        return jax.jit(self._eval_step, in_shardings=(self.state_shardings().params, batch, batch))

@@ -1,0 +1,136 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesh_transformer.config import OptimizerConfig
+from mesh_transformer.sharding import make_mesh
+from mesh_transformer.train import Trainer, cross_entropy, decay_mask, gpt3_schedule
+from tests.helpers import counting_batch, random_batch, tiny_config
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 1, 4), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def run_steps(config, mesh_shape, batches):
+    dp, fsdp, mp = mesh_shape
+    config = config.replace(mesh=type(config.mesh_request())(dp=dp, fsdp=fsdp, mp=mp))
+    mesh = make_mesh(config, jax.devices()[: dp * fsdp * mp])
+    trainer = Trainer(config, mesh)
+    state = trainer.init_state(seed=0)
+    step = trainer.jit_train_step()
+    losses = []
+    for tokens, mask in batches:
+        state, metrics = step(state, tokens, mask)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+    config = tiny_config(d_model=64)
+    batches = [random_batch(i, 2, 8, config.model.seq, config.model.n_vocab) for i in range(3)]
+    return config, batches, run_steps(config, (1, 1, 1), batches)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES[1:], ids=lambda s: "x".join(map(str, s)))
+def test_mesh_shape_does_not_change_the_math(reference_run, mesh_shape):
+    config, batches, (ref_losses, ref_params) = reference_run
+    losses, params = run_steps(config, mesh_shape, batches)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
+    assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
+    # The parameters actually moved, so equality is not vacuous.
+    assert ref_losses[0] != ref_losses[-1]
+
+
+def test_training_reduces_loss_on_a_learnable_sequence():
+    config = tiny_config(lr=3e-3, warmup_steps=5, anneal_steps=0)
+    mesh = make_mesh(config, jax.devices()[:1])
+    trainer = Trainer(config, mesh)
+    state = trainer.init_state(seed=1)
+    step = trainer.jit_train_step()
+    losses = []
+    for i in range(80):
+        state, metrics = step(state, *counting_batch(i, 8, config.model.seq, config.model.n_vocab))
+        losses.append(float(metrics["loss"]))
+    assert losses[0] > 3.5
+    assert np.mean(losses[-5:]) < 0.5 * losses[0]
+
+
+def test_schedule_values_at_key_steps():
+    cfg = OptimizerConfig(lr=1.0, end_lr=0.1, warmup_steps=10, anneal_steps=100)
+    lr = gpt3_schedule(cfg)
+    assert float(lr(0)) == 0.0
+    assert float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(60)) == pytest.approx(0.55, abs=1e-6)  # halfway down the cosine
+    assert float(lr(110)) == pytest.approx(0.1)
+    assert float(lr(10_000)) == pytest.approx(0.1)
+
+
+def test_schedule_without_warmup_starts_at_peak():
+    lr = gpt3_schedule(OptimizerConfig(lr=2.0, end_lr=0.0, warmup_steps=0, anneal_steps=10))
+    assert float(lr(0)) == pytest.approx(2.0)
+    assert np.isfinite(float(lr(0)))
+    assert float(lr(10)) == pytest.approx(0.0, abs=1e-7)
+    constant = gpt3_schedule(OptimizerConfig(lr=2.0, warmup_steps=0, anneal_steps=0))
+    assert float(constant(7)) == pytest.approx(2.0)
+
+
+def test_weight_decay_mask_skips_biases_and_norms():
+    config = tiny_config()
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:1]))
+    mask = decay_mask(trainer.abstract_state().params)
+    assert mask["blocks"]["attn"]["q_proj"]["kernel"] is True
+    assert mask["blocks"]["mlp"]["fc_in"]["kernel"] is True
+    assert mask["wte"]["embedding"] is True and mask["lm_head"]["kernel"] is True
+    assert mask["blocks"]["mlp"]["fc_in"]["bias"] is False
+    assert mask["blocks"]["ln_1"]["scale"] is False and mask["blocks"]["ln_1"]["bias"] is False
+    assert mask["ln_f"]["scale"] is False and mask["lm_head"]["bias"] is False
+
+
+def test_weight_decay_only_moves_matrices_when_gradients_vanish():
+    config = tiny_config(lr=0.1, warmup_steps=0, anneal_steps=0, weight_decay=0.5)
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:1]))
+    state = trainer.init_state(seed=0)
+    tokens, mask = random_batch(0, 1, 2, config.model.seq, config.model.n_vocab)
+    new_state, _ = trainer.jit_train_step()(state, tokens, np.zeros_like(mask))  # no tokens -> zero grads
+    old = jax.device_get(trainer.init_state(seed=0).params)
+    new = jax.device_get(new_state.params)
+    np.testing.assert_allclose(new["blocks"]["attn"]["q_proj"]["kernel"],
+                               old["blocks"]["attn"]["q_proj"]["kernel"] * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(new["blocks"]["ln_1"]["scale"], old["blocks"]["ln_1"]["scale"])
+    np.testing.assert_array_equal(new["lm_head"]["bias"], old["lm_head"]["bias"])
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    tokens, mask = random_batch(3, 4, 2, 16, 64)
+    mask[1, 0, 10:] = 0.0  # uneven token counts must still average over all tokens
+    big = tiny_config(gradient_accumulation_steps=1, per_replica_batch=8)
+    acc = tiny_config(gradient_accumulation_steps=4, per_replica_batch=2)
+    results = []
+    for config, shape in ((big, (1, 8)), (acc, (4, 2))):
+        trainer = Trainer(config, make_mesh(config, jax.devices()[:1]))
+        state, metrics = trainer.jit_train_step()(trainer.init_state(0), tokens.reshape(*shape, -1),
+                                                  mask.reshape(*shape, -1))
+        results.append((float(metrics["loss"]), jax.device_get(state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), results[0][1], results[1][1])
+    assert max(jax.tree.leaves(diffs)) < 1e-6
+
+
+def test_cross_entropy_masks_padding_and_padded_vocab():
+    logits = jnp.array([[[0.0, 1.0, 2.0, 50.0], [1.0, 1.0, 1.0, 1.0]]])
+    targets = jnp.array([[2, 0]])
+    loss, count = cross_entropy(logits, targets, jnp.array([[1.0, 0.0]]), real_vocab=3)
+    expected = float(jax.nn.logsumexp(jnp.array([0.0, 1.0, 2.0])) - 2.0)
+    assert float(count) == 1.0
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+def test_z_loss_adds_squared_log_partition():
+    logits = jnp.array([[[0.5, 1.5]]])
+    base, _ = cross_entropy(logits, jnp.array([[1]]), jnp.ones((1, 1)))
+    with_z, _ = cross_entropy(logits, jnp.array([[1]]), jnp.ones((1, 1)), z_loss=1e-2)
+    lse = float(jax.nn.logsumexp(logits))
+    assert float(with_z - base) == pytest.approx(1e-2 * lse**2, rel=1e-5)
