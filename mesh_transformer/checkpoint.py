@@ -83,6 +83,16 @@ def _subtree(tree: Any, key: str) -> Any:
     return getattr(tree, key)
 
 
+def _require_shardings(abstract: Any) -> None:
+    """Orbax silently restores leaves without a sharding as host numpy arrays; refuse instead."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+        if getattr(leaf, "sharding", None) is None:
+            raise ValueError(
+                f"abstract state leaf {jax.tree_util.keystr(path)} has no sharding: expected a "
+                "jax.ShapeDtypeStruct with .sharding set to where the restored array should live"
+            )
+
+
 class Checkpointer:
     """Saves and restores ``(state, metadata)`` under ``{directory}/step_{N}``.
 
@@ -189,6 +199,7 @@ class Checkpointer:
             target = {key: _subtree(abstract_state, key) for key in restore_keys}
         else:
             target = abstract_state
+        _require_shardings(target)
         state_args = ocp.args.PyTreeRestore(
             item=target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),

@@ -105,12 +105,14 @@ class Trainer:
 
     # ----- state -----
     def _init_state(self, rng: jax.Array) -> TrainState:
-        seq = self.config.model.seq
         params_rng, state_rng = jax.random.split(rng)
-        variables = self.model.init(params_rng, jnp.zeros((1, seq), jnp.int32))
-        params = nn.unbox(variables["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.optimizer.init(params), rng=state_rng)
+        variables = self.model.init(params_rng, jnp.zeros((1, self.config.model.seq), jnp.int32))
+        return self._state_from_params(nn.unbox(variables["params"]), state_rng)
+
+    def _state_from_params(self, params, rng: jax.Array) -> TrainState:
+        # The key is stored as raw uint32 data so checkpoints hold plain arrays.
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
+                          rng=jax.random.key_data(rng))
 
     def state_shardings(self) -> TrainState:
         """NamedShardings of every leaf of the train state, derived from the logical names."""
@@ -137,9 +139,10 @@ class Trainer:
         init = jax.jit(self._init_state, out_shardings=self.state_shardings())
         return init(jax.random.key(seed))
 
-    def fresh_optimizer(self, state: TrainState) -> TrainState:
-        init = jax.jit(self.optimizer.init, out_shardings=self.state_shardings().opt_state)
-        return state.replace(opt_state=init(state.params))
+    def state_from_params(self, params, seed: int) -> TrainState:
+        """A step-0 state around existing parameters, with a freshly initialised optimizer."""
+        build = jax.jit(self._state_from_params, out_shardings=self.state_shardings())
+        return build(params, jax.random.key(seed))
 
     # ----- steps -----
     def batch_sharding(self) -> NamedSharding:

@@ -48,13 +48,19 @@ def abstract_on(state, mesh, specs):
     )
 
 
+def abstract_of(tree):
+    """What a trainer passes to restore: shapes, dtypes and each array's current sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def assert_trees_equal(actual, expected):
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        assert a.dtype == e.dtype
+        assert isinstance(a, jax.Array) and a.dtype == e.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
+ON_DEVICE_0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 SPECS_81 = {"params": {"w": P("dp", None), "b": P()}, "opt_state": {"mu": P("dp"), "count": P()}}
 
 
@@ -94,19 +100,19 @@ def test_dataclass_state_round_trip_and_params_only_restore(tmp_path):
     ckpt = Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(3, state, {"step": 3})
 
-    full, _ = ckpt.restore(jax.eval_shape(lambda: state))
+    full, _ = ckpt.restore(abstract_of(state))
     assert isinstance(full, TrainState)
     assert_trees_equal(full, state)
 
     # Fine-tuning with another optimizer: only the params' structure is known.
     sgd_state = TrainState(step=jnp.array(0), params=state.params, opt_state=optax.sgd(0.1).init(state.params))
-    partial, metadata = ckpt.restore(jax.eval_shape(lambda: sgd_state), restore_keys=("params",))
+    partial, metadata = ckpt.restore(abstract_of(sgd_state), restore_keys=("params",))
     assert metadata == {"step": 3}
     assert list(partial) == ["params"]
     assert_trees_equal(partial["params"], state.params)
 
     # The same from a plain dict naming only "params".
-    only_params, _ = ckpt.restore({"params": jax.eval_shape(lambda: state.params)}, restore_keys=["params"])
+    only_params, _ = ckpt.restore({"params": abstract_of(state.params)}, restore_keys=["params"])
     assert_trees_equal(only_params["params"], state.params)
     ckpt.close()
 
@@ -116,9 +122,11 @@ def test_mismatched_structure_names_the_step(tmp_path):
     ckpt = Checkpointer(str(tmp_path / "run"), async_save=False)
     ckpt.save(5, state, {})
     with pytest.raises(ValueError, match="step 5"):
-        ckpt.restore({"params": jax.eval_shape(lambda: state.params)})
+        ckpt.restore({"params": abstract_of(state.params)})
+    with pytest.raises(ValueError, match=r"leaf \.step has no sharding"):
+        ckpt.restore(jax.eval_shape(lambda: state))
     with pytest.raises(KeyError, match="'nope'"):
-        ckpt.restore(jax.eval_shape(lambda: state), restore_keys=("nope",))
+        ckpt.restore(abstract_of(state), restore_keys=("nope",))
     ckpt.close()
 
 
@@ -131,7 +139,7 @@ def test_retention_keeps_last_and_every(tmp_path):
     assert ckpt.steps() == [3, 6, 7, 8]
     assert ckpt.latest_step() == 8
     assert sorted(os.listdir(tmp_path / "run")) == ["step_3", "step_6", "step_7", "step_8"]
-    _, metadata = ckpt.restore(jax.eval_shape(lambda: state), step=6)
+    _, metadata = ckpt.restore(abstract_of(state), step=6)
     assert metadata == {"step": 6}
     ckpt.close()
 
@@ -146,7 +154,7 @@ def test_save_ordering_force_and_existing_steps(tmp_path):
     ckpt.save(10, {"x": jnp.array(99)}, {"v": 99}, force=True)  # exists: kept as it was
     ckpt.wait()
     assert ckpt.steps() == [5, 10]
-    abstract = {"x": jax.ShapeDtypeStruct((), jnp.int32)}
+    abstract = {"x": jax.ShapeDtypeStruct((), jnp.int32, sharding=ON_DEVICE_0)}
     assert ckpt.restore(abstract, step=10)[1] == {"v": 10}
     assert int(ckpt.restore(abstract, step=5)[0]["x"]) == 5
     ckpt.close()
@@ -159,7 +167,7 @@ def test_async_save_snapshots_arrays_before_returning(tmp_path):
     ckpt.save(1, {"x": x}, {})
     x.delete()  # as a donated buffer would be
     ckpt.wait()
-    restored, _ = ckpt.restore({"x": jax.ShapeDtypeStruct((1000,), jnp.float32)})
+    restored, _ = ckpt.restore({"x": jax.ShapeDtypeStruct((1000,), jnp.float32, sharding=ON_DEVICE_0)})
     np.testing.assert_array_equal(np.asarray(restored["x"]), expected)
     ckpt.close()
 
@@ -168,7 +176,7 @@ def test_missing_checkpoints_give_clear_errors(tmp_path):
     run = str(tmp_path / "run")
     ckpt = Checkpointer(run)
     assert ckpt.latest_step() is None and ckpt.steps() == []
-    abstract = {"x": jax.ShapeDtypeStruct((), jnp.int32)}
+    abstract = {"x": jax.ShapeDtypeStruct((), jnp.int32, sharding=ON_DEVICE_0)}
     with pytest.raises(FileNotFoundError, match="no complete checkpoint in .*run"):
         ckpt.restore(abstract)
     ckpt.save(2, {"x": jnp.array(2)}, {})
@@ -212,7 +220,7 @@ def test_leftover_tmp_dirs_are_ignored_then_removed_by_the_next_save(tmp_path):
 
     reader = Checkpointer(str(run))  # opening, listing and restoring must not delete anything
     assert reader.steps() == [1]
-    assert int(reader.restore({"x": jax.ShapeDtypeStruct((), jnp.int32)})[0]["x"]) == 1
+    assert int(reader.restore({"x": jax.ShapeDtypeStruct((), jnp.int32, sharding=ON_DEVICE_0)})[0]["x"]) == 1
     reader.close()
     assert (run / f"step_9{TMP_SUFFIX}").exists()
 
@@ -240,6 +248,27 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def bytes_under(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except FileNotFoundError:  # renamed away while walking
+                pass
+    return total
+
+
+def wait_for_half_written_save(run, deadline):
+    """Return once a tmp checkpoint directory holds some array data (a 64 MB save is under way)."""
+    while True:
+        assert time.monotonic() < deadline, "no save in flight was ever observed"
+        tmp_dirs = [name for name in os.listdir(run) if name.endswith(TMP_SUFFIX)]
+        if tmp_dirs and bytes_under(run / tmp_dirs[0]) > 4_000_000:
+            return
+        time.sleep(0.001)
+
+
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -247,11 +276,10 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(run)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert child.stdout.readline().strip() == "saved 1", "child failed before its first checkpoint"
-        deadline = time.monotonic() + 60
-        while not any(name.endswith(TMP_SUFFIX) for name in os.listdir(run)):
-            assert time.monotonic() < deadline, "no save in flight was ever observed"
-            time.sleep(0.002)
+        # Past a few saves, so that retention has already deleted a checkpoint.
+        for step in (1, 2, 3):
+            assert child.stdout.readline().strip() == f"saved {step}", "child failed before saving"
+        wait_for_half_written_save(run, deadline=time.monotonic() + 60)
         child.send_signal(signal.SIGKILL)
     finally:
         child.kill()
@@ -264,6 +292,7 @@ def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     ckpt = Checkpointer(str(run), keep_last=2)
     latest = ckpt.latest_step()
     assert latest == killed_step - 1
+    assert ckpt.steps() == [killed_step - 2, killed_step - 1]
     abstract = {"params": {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32,
                                                       sharding=NamedSharding(make_mesh((8, 1)), P("dp")))}}
     restored, metadata = ckpt.restore(abstract)

@@ -37,6 +37,10 @@ _MAX_TOKEN_ID = 2**31 - 1
 _FILE_ORDER_STREAM = 0
 _RECORD_ORDER_STREAM = 1
 _STOP_POLL_S = 0.1
+# Block sizes for remote files: headers are scanned sequentially, so large blocks mean few requests;
+# records are then read in shuffled order, so small blocks waste little.
+_SCAN_BLOCK_BYTES = 16 << 20
+_READ_BLOCK_BYTES = 256 << 10
 
 
 @dataclass
@@ -151,8 +155,9 @@ class TFRecordLoader:
         self.process_index = process_index
         self.process_count = process_count
         self._validate(prefetch)
-        self._state = state if state is not None else LoaderState()
-        self._validate_state(self._state)
+        self._start = LoaderState(**state.to_dict()) if state is not None else LoaderState()
+        self._validate_state(self._start)
+        self._state = self._start
         self._offsets: dict[int, np.ndarray] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -185,7 +190,7 @@ class TFRecordLoader:
     def _validate_state(self, state: LoaderState) -> None:
         if min(state.epoch, state.file_index, state.record_index) < 0:
             raise ValueError(f"invalid loader state {state}: fields must be non-negative")
-        if state.file_index >= len(self.files) and (state.file_index, state.record_index) != (len(self.files), 0):
+        if state.file_index >= len(self.files):
             raise ValueError(
                 f"loader state {state} points past the {len(self.files)} files of {self.index_url!r}; "
                 f"was the index changed since the checkpoint?"
@@ -218,16 +223,18 @@ class TFRecordLoader:
 
     # -- record access -------------------------------------------------------------------------
 
-    def _open(self, file_id: int):
+    def _open(self, file_id: int, block_size: int) -> BinaryIO:
         url = self.files[file_id]
+        fs, path = storage.filesystem(url)
         try:
-            return storage.open_file(url, "rb").open()
+            return fs.open(path, "rb", block_size=block_size)
         except FileNotFoundError:
             raise FileNotFoundError(f"tfrecord file {url!r} listed in {self.index_url!r} not found") from None
 
-    def _record_offsets(self, file_id: int, f: BinaryIO) -> np.ndarray:
+    def _record_offsets(self, file_id: int) -> np.ndarray:
         if file_id not in self._offsets:
-            self._offsets[file_id] = scan_record_offsets(f, self.files[file_id])
+            with self._open(file_id, _SCAN_BLOCK_BYTES) as f:
+                self._offsets[file_id] = scan_record_offsets(f, self.files[file_id])
         return self._offsets[file_id]
 
     def _parse(self, data: bytes, file_id: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,21 +268,21 @@ class TFRecordLoader:
         return int(length[0])
 
     def _file_records(self, epoch: int, position: int, file_id: int, start: int) -> Iterator[_Record]:
-        with self._open(file_id) as f:
-            offsets = self._record_offsets(file_id, f)
-            if start > len(offsets):
-                raise ValueError(
-                    f"loader state record_index {start} is past the {len(offsets)} records of "
-                    f"{self.files[file_id]!r}; was the file changed since the checkpoint?"
-                )
-            order = self._record_order(epoch, file_id, len(offsets))
+        offsets = self._record_offsets(file_id)
+        if start > len(offsets):
+            raise ValueError(
+                f"loader state record_index {start} is past the {len(offsets)} records of "
+                f"{self.files[file_id]!r}; was the file changed since the checkpoint?"
+            )
+        order = self._record_order(epoch, file_id, len(offsets))
+        with self._open(file_id, _READ_BLOCK_BYTES) as f:
             for index in range(start, len(offsets)):
                 offset = int(offsets[order[index]])
                 tokens, mask = self._parse(read_record_at(f, offset, self.files[file_id]), file_id, offset)
                 yield _Record(tokens, mask, self._state_after(epoch, position, index + 1, len(offsets)))
 
     def _records(self) -> Iterator[_Record]:
-        epoch, first_position, start = self._state.epoch, self._state.file_index, self._state.record_index
+        epoch, first_position, start = self._start.epoch, self._start.file_index, self._start.record_index
         while True:
             file_order = self._file_order(epoch)
             read_any = False

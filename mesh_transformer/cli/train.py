@@ -1,0 +1,45 @@
+"""``device_train.py``: train or fine-tune from a JSON config, resuming from the latest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mesh_transformer.config import ConfigError, load_config
+from mesh_transformer.loop import TrainOptions, train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="JSON config (original mesh-transformer-jax keys)")
+    parser.add_argument("--tune-model-path", default=None,
+                        help="start a fine-tune at step 0 from this checkpoint (a run dir or its step_N dir)")
+    parser.add_argument("--fresh-opt", action="store_true",
+                        help="with --tune-model-path: start from a fresh optimizer state instead of the saved one")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.fresh_opt and not args.tune_model_path:
+        print("error: --fresh-opt only applies together with --tune-model-path", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        result = train(config, TrainOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt,
+                                            show_progress=not args.no_progress))
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    status = f"stopped at step {result.step}" if result.interrupted else f"finished at step {result.step}"
+    loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
+    print(f"{status}{loss}; checkpoints in {config.run.checkpoint_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

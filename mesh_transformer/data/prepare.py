@@ -1,0 +1,516 @@
+"""Turn text documents into a TFRecord file of fixed-length token sequences.
+
+Documents stream through in bounded memory: read, split on "<|endoftext|>", normalised, tokenized
+with an EOS appended, shuffled through a bounded buffer, packed back to back into records of
+seq_len + 1 tokens and written as they fill. The output is ``{output_dir}/{name}_{records}.tfrecords``
+in the mesh-transformer-jax format, plus ``{name}.index`` listing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import lzma
+import re
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, TextIO, TypeVar
+
+import numpy as np
+import zstandard
+from tqdm import tqdm
+
+from mesh_transformer import storage
+from mesh_transformer.data.tfrecord import TFRecordWriter, open_writer
+from mesh_transformer.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Suffix -> (compression, format). Longest suffixes are matched first.
+INPUT_FORMATS: dict[str, tuple[str | None, str]] = {
+    ".jsonl.zst": ("zstd", "json"),
+    ".json.zst": ("zstd", "json"),
+    ".jsonl.xz": ("xz", "json"),
+    ".jsonl": (None, "json"),
+    ".txt": (None, "text"),
+    ".xz": ("xz", "text"),
+}
+_TEXT_CHUNK_CHARS = 1 << 20
+_TOKENIZE_BATCH_DOCS = 64
+_VERBOSE_PREVIEW_CHARS = 200
+
+
+class PrepareError(ValueError):
+    """Input or settings that data preparation cannot use."""
+
+
+@dataclass
+class PrepareConfig:
+    input_path: str
+    name: str
+    output_dir: str = "."
+    tokenizer: str = "gpt2"
+    seq_len: int = 2048
+    normalize_with_ftfy: bool = False
+    normalize_with_wikitext_detokenize: bool = False
+    min_unique_tokens: int = 0
+    n_repack_epochs: int = 1
+    seed: int = 10
+    preserve_data_order: bool = False
+    treat_eot_as_text: bool = False
+    final_chunk: Literal["pad", "drop"] = "pad"
+    write_index: bool = True
+    shuffle_buffer_tokens: int = 16_000_000
+
+
+@dataclass
+class PrepareSummary:
+    output_url: str
+    index_url: str | None
+    documents: int = 0  # documents tokenized, over all repack epochs
+    documents_skipped: int = 0  # documents under --min-unique-tokens
+    tokens: int = 0  # tokens of the kept documents, EOS included
+    records: int = 0
+    final_chunk_tokens: int = 0  # real tokens in the last partial record (0: there was none)
+    final_chunk_kept: bool = False
+
+    def describe(self) -> str:
+        if not self.final_chunk_tokens:
+            final = "no partial final chunk"
+        elif self.final_chunk_kept:
+            final = f"final partial chunk kept, padded, with {self.final_chunk_tokens} real tokens"
+        else:
+            final = f"final partial chunk dropped ({self.final_chunk_tokens} tokens)"
+        return (
+            f"wrote {self.records} records to {self.output_url}: {self.documents} documents, "
+            f"{self.tokens} tokens; {final}; {self.documents_skipped} documents skipped by "
+            f"--min-unique-tokens"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Input files
+
+
+def input_format(url: str) -> tuple[str | None, str]:
+    """(compression, format) of an input file, from its name."""
+    for suffix in sorted(INPUT_FORMATS, key=len, reverse=True):
+        if url.endswith(suffix):
+            return INPUT_FORMATS[suffix]
+    raise PrepareError(
+        f"{url}: unsupported input file type; expected one of {', '.join(sorted(INPUT_FORMATS))}"
+    )
+
+
+def _is_hidden(path: str, root: str) -> bool:
+    relative = path[len(root.rstrip("/")) :]
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def list_input_files(input_path: str) -> list[str]:
+    """``input_path`` itself, or every file below the folder (sorted; hidden files and folders skipped)."""
+    fs, path = storage.filesystem(input_path)
+    if not fs.exists(path):
+        raise PrepareError(f"input path {input_path!r} does not exist")
+    if not fs.isdir(path):
+        files = [input_path]
+    else:
+        found = sorted(p for p in fs.find(path) if not _is_hidden(p, path))
+        files = found if storage.is_local(input_path) else [fs.unstrip_protocol(p) for p in found]
+        if not files:
+            raise PrepareError(f"input folder {input_path!r} holds no files")
+    for url in files:
+        input_format(url)
+    return files
+
+
+@contextlib.contextmanager
+def _open_text(url: str, compression: str | None) -> Iterator[TextIO]:
+    """The decompressed UTF-8 text of ``url`` as a stream."""
+    with storage.open_file(url, "rb") as raw:
+        if compression == "zstd":
+            binary = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        elif compression == "xz":
+            binary = lzma.LZMAFile(raw)
+        else:
+            binary = raw
+        yield io.TextIOWrapper(binary, encoding="utf-8")
+
+
+def _split_stream(chunks: Iterable[str], separator: str) -> Iterator[str]:
+    """Pieces between separators of text arriving in chunks; empty pieces are left out."""
+    # Only the last len(separator) - 1 characters can start a separator that a later chunk
+    # completes, so only they are searched again: a long document costs linear time.
+    keep = len(separator) - 1
+    parts: list[str] = []
+    tail = ""
+    for chunk in chunks:
+        *complete, last = (tail + chunk).split(separator)
+        for piece in complete:
+            document = "".join(parts) + piece
+            parts = []
+            if document:
+                yield document
+        cut = max(len(last) - keep, 0)
+        parts.append(last[:cut])
+        tail = last[cut:]
+    if document := "".join(parts) + tail:
+        yield document
+
+
+def _read_chunks(stream: TextIO) -> Iterator[str]:
+    while chunk := stream.read(_TEXT_CHUNK_CHARS):
+        yield chunk
+
+
+def _json_document(value: object, url: str, line_number: int) -> str:
+    if isinstance(value, str):
+        return value
+    text = value.get("text") if isinstance(value, dict) else None
+    if isinstance(text, list):  # lm_dataformat joins a list of paragraphs
+        text = "\n\n".join(text)
+    if not isinstance(text, str):
+        raise PrepareError(
+            f"{url}, line {line_number}: expected a JSON string or an object with a string field "
+            f"'text', found {type(value).__name__}"
+            + (f" with keys {sorted(value)}" if isinstance(value, dict) else "")
+        )
+    return text
+
+
+def _json_array_documents(text: str, url: str) -> Iterator[str]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{url}: invalid JSON array: {e}") from None
+    return (_json_document(value, url, 1) for value in values)
+
+
+def _json_documents(stream: TextIO, url: str) -> Iterator[str]:
+    """Documents of JSON lines, or of one JSON array (lm_dataformat's .json.zst, read whole)."""
+    first_content = True
+    for line_number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        if first_content and line.lstrip().startswith("["):
+            yield from _json_array_documents(line + stream.read(), url)
+            return
+        first_content = False
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{url}, line {line_number}: invalid JSON: {e}") from None
+        yield _json_document(value, url, line_number)
+
+
+def iter_documents(url: str, split_on_eot: bool = True) -> Iterator[str]:
+    """The documents of one input file.
+
+    Text files are one document each and, like every document, are split on "<|endoftext|>"
+    unless ``split_on_eot`` is False. Text is read in chunks, so memory is bounded by the largest
+    document rather than the file.
+    """
+    compression, kind = input_format(url)
+    try:
+        with _open_text(url, compression) as stream:
+            if kind == "json":
+                for document in _json_documents(stream, url):
+                    yield from (_split_stream([document], EOT_TEXT) if split_on_eot else [document])
+            elif split_on_eot:
+                yield from _split_stream(_read_chunks(stream), EOT_TEXT)
+            else:
+                yield stream.read()
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{url}: not valid UTF-8 text ({e})") from None
+    except (lzma.LZMAError, zstandard.ZstdError, EOFError) as e:
+        raise PrepareError(f"{url}: cannot decompress as {compression}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+# The standard WikiText detokenizer rules, in the order they must run. Each is (pattern, replacement,
+# is_regex).
+_WIKITEXT_RULES: list[tuple[str, str, bool]] = [
+    ("s '", "s'", False),  # plural possessive
+    (" @-@ ", "-", False),  # number separators
+    (" @,@ ", ",", False),
+    (" @.@ ", ".", False),
+    *((f" {p} ", f"{p} ", False) for p in ":;.!?,"),  # space before punctuation
+    (r"\(\s*([^\)]*?)\s*\)", r"(\1)", True),  # space inside brackets and quotes
+    (r"\[\s*([^\]]*?)\s*\]", r"[\1]", True),
+    (r"{\s*([^}]*?)\s*}", r"{\1}", True),
+    (r"\"\s*([^\"]*?)\s*\"", r'"\1"', True),
+    (r"'\s*([^']*?)\s*'", r"'\1'", True),
+    ("= = = =", "====", False),  # section heading markers
+    ("= = =", "===", False),
+    ("= =", "==", False),
+    (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}", False),
+    (" \n", "\n", False),
+    ("\n ", "\n", False),
+    (" N ", " 1 ", False),  # WikiText's number placeholder
+    (" 's", "'s", False),
+]
+_WIKITEXT_STEPS = [
+    (re.compile(pattern), replacement) if is_regex else (pattern, replacement)
+    for pattern, replacement, is_regex in _WIKITEXT_RULES
+]
+
+
+def wikitext_detokenize(text: str) -> str:
+    """Undo WikiText's tokenization (" @-@ ", spaces around punctuation, "= =" headings, ...)."""
+    for pattern, replacement in _WIKITEXT_STEPS:
+        if isinstance(pattern, str):
+            text = text.replace(pattern, replacement)
+        else:
+            text = pattern.sub(replacement, text)
+    return text
+
+
+def _normalizer(config: PrepareConfig) -> Callable[[str], str]:
+    fix_text = None
+    if config.normalize_with_ftfy:
+        try:
+            import ftfy
+        except ImportError:
+            raise PrepareError("--normalize-with-ftfy needs the ftfy package: pip install ftfy") from None
+        fix_text = ftfy.fix_text
+
+    def normalize(text: str) -> str:
+        if fix_text is not None:
+            text = fix_text(text, normalization="NFKC")
+        if config.normalize_with_wikitext_detokenize:
+            text = wikitext_detokenize(text)
+        return text
+
+    return normalize
+
+
+# ----------------------------------------------------------------------------------------------
+# Shuffling and packing
+
+
+def buffered_shuffle(
+    items: Iterable[T], rng: np.random.Generator, capacity: int, size: Callable[[T], int] = len
+) -> Iterator[T]:
+    """``items`` in random order, holding at most about ``capacity`` (measured by ``size``).
+
+    Whenever the buffer is over capacity a random item from it is emitted, so an item can travel
+    arbitrarily far forward but only about a buffer's worth backward.
+    """
+    buffer: list[T] = []
+    held = 0
+    for item in items:
+        buffer.append(item)
+        held += size(item)
+        while held > capacity and buffer:
+            chosen = int(rng.integers(len(buffer)))
+            buffer[chosen], buffer[-1] = buffer[-1], buffer[chosen]
+            out = buffer.pop()
+            held -= size(out)
+            yield out
+    for index in rng.permutation(len(buffer)):
+        yield buffer[index]
+
+
+@dataclass
+class RecordPacker:
+    """Concatenates token arrays and cuts them into records of ``record_len`` tokens."""
+
+    record_len: int
+    _pending: list[np.ndarray] = field(default_factory=list)
+    _pending_len: int = 0
+
+    def add(self, tokens: np.ndarray) -> list[np.ndarray]:
+        """The records completed by appending ``tokens``."""
+        self._pending.append(tokens)
+        self._pending_len += len(tokens)
+        if self._pending_len < self.record_len:
+            return []
+        joined = np.concatenate(self._pending)
+        n_full = len(joined) // self.record_len
+        rest = joined[n_full * self.record_len :]
+        self._pending, self._pending_len = [rest], len(rest)
+        return [joined[i * self.record_len : (i + 1) * self.record_len] for i in range(n_full)]
+
+    def remainder(self) -> np.ndarray:
+        """Tokens that did not fill a record."""
+        return np.concatenate(self._pending) if self._pending else np.zeros(0, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+# Tags that keep the file-order and document-order random streams of an epoch independent.
+_FILE_ORDER_STREAM = 0
+_DOCUMENT_ORDER_STREAM = 1
+
+
+def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, stream])
+
+
+def _batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@dataclass
+class _DocumentStream:
+    """Tokenized documents of the input, one pass per repack epoch."""
+
+    config: PrepareConfig
+    files: list[str]
+    tokenizer: Tokenizer
+    summary: PrepareSummary
+    progress: tqdm
+
+    def __post_init__(self) -> None:
+        self._normalize = _normalizer(self.config)
+
+    def _texts(self, epoch: int) -> Iterator[str]:
+        files = list(self.files)
+        if not self.config.preserve_data_order:
+            files = [files[i] for i in _rng(self.config.seed, epoch, _FILE_ORDER_STREAM).permutation(len(files))]
+        for url in files:
+            logger.debug("reading %s", url)
+            for text in iter_documents(url, split_on_eot=not self.config.treat_eot_as_text):
+                yield self._normalize(text)
+
+    def _keep(self, tokens: np.ndarray, text: str) -> bool:
+        unique = len(np.unique(tokens))
+        if unique >= self.config.min_unique_tokens:
+            return True
+        self.summary.documents_skipped += 1
+        logger.debug(
+            "skipping a document with %d unique tokens (< %d): %r",
+            unique, self.config.min_unique_tokens, text[:_VERBOSE_PREVIEW_CHARS],
+        )
+        return False
+
+    def tokenized(self, epoch: int) -> Iterator[np.ndarray]:
+        eos = self.tokenizer.eos_token_id
+        for texts in _batched(self._texts(epoch), _TOKENIZE_BATCH_DOCS):
+            for text, ids in zip(texts, self.tokenizer.encode_batch(texts)):
+                tokens = np.array([*ids, eos], dtype=np.int32)
+                self.summary.documents += 1
+                self.progress.update(1)
+                if self._keep(tokens, text):
+                    self.summary.tokens += len(tokens)
+                    yield tokens
+            self.progress.set_postfix(tokens=self.summary.tokens, refresh=False)
+
+    def shuffled(self, epoch: int) -> Iterator[np.ndarray]:
+        documents = self.tokenized(epoch)
+        if self.config.preserve_data_order:
+            return documents
+        rng = _rng(self.config.seed, epoch, _DOCUMENT_ORDER_STREAM)
+        return buffered_shuffle(documents, rng, self.config.shuffle_buffer_tokens)
+
+
+def _validate(config: PrepareConfig) -> None:
+    problems = []
+    if config.seq_len < 1:
+        problems.append(f"--seq-len must be positive, got {config.seq_len}")
+    if config.n_repack_epochs < 1:
+        problems.append(f"--n-repack-epochs must be at least 1, got {config.n_repack_epochs}")
+    if config.seed < 0:
+        problems.append(f"--seed must be non-negative, got {config.seed}")
+    if config.final_chunk not in ("pad", "drop"):
+        problems.append(f"--final-chunk must be 'pad' or 'drop', got {config.final_chunk!r}")
+    if config.shuffle_buffer_tokens < 0:
+        problems.append(f"--shuffle-buffer-tokens must be non-negative, got {config.shuffle_buffer_tokens}")
+    if not config.name or "/" in config.name:
+        problems.append(f"name must be a non-empty file name without '/', got {config.name!r}")
+    if problems:
+        raise PrepareError("; ".join(problems))
+
+
+def _write_final_chunk(
+    writer: TFRecordWriter, packer: RecordPacker, config: PrepareConfig, eos: int, summary: PrepareSummary
+) -> None:
+    rest = packer.remainder()
+    summary.final_chunk_tokens = len(rest)
+    if not len(rest) or config.final_chunk == "drop":
+        return
+    padded = np.full(packer.record_len, eos, dtype=np.int32)
+    padded[: len(rest)] = rest
+    # "length" marks the padding for our loader; the original loader reads only "text".
+    writer.write_example({"text": padded, "length": [len(rest)]})
+    summary.records += 1
+    summary.final_chunk_kept = True
+
+
+def _write_records(
+    tmp_url: str, config: PrepareConfig, files: list[str], tokenizer: Tokenizer, summary: PrepareSummary
+) -> None:
+    packer = RecordPacker(config.seq_len + 1)
+    with open_writer(tmp_url) as writer, tqdm(unit=" docs", desc=config.name, mininterval=1) as progress:
+        documents = _DocumentStream(config, files, tokenizer, summary, progress)
+        for epoch in range(config.n_repack_epochs):
+            for tokens in documents.shuffled(epoch):
+                for record in packer.add(tokens):
+                    writer.write_example({"text": record})
+                    summary.records += 1
+        _write_final_chunk(writer, packer, config, tokenizer.eos_token_id, summary)
+
+
+def _publish(tmp_url: str, config: PrepareConfig, summary: PrepareSummary) -> None:
+    """Move the finished file to its final name, which includes the record count."""
+    file_name = f"{config.name}_{summary.records}.tfrecords"
+    summary.output_url = storage.join(config.output_dir, file_name)
+    fs, tmp_path = storage.filesystem(tmp_url)
+    fs.mv(tmp_path, storage.filesystem(summary.output_url)[1])
+    if config.write_index:
+        summary.index_url = storage.join(config.output_dir, f"{config.name}.index")
+        # The name alone keeps the folder relocatable: the loader resolves it against the index.
+        storage.write_text_atomic(summary.index_url, file_name + "\n")
+
+
+def _remove_quietly(url: str) -> None:
+    fs, path = storage.filesystem(url)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def prepare_tfrecords(config: PrepareConfig, tokenizer: Tokenizer | None = None) -> PrepareSummary:
+    """Tokenize and pack ``config.input_path`` into a TFRecord file; see the module docstring."""
+    _validate(config)
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer)
+    files = list_input_files(config.input_path)
+    storage.makedirs(config.output_dir)
+    tmp_url = storage.join(config.output_dir, f".{config.name}.{uuid.uuid4().hex}.tfrecords.tmp")
+    summary = PrepareSummary(output_url="", index_url=None)
+    try:
+        _write_records(tmp_url, config, files, tokenizer, summary)
+        if summary.records == 0:
+            raise PrepareError(_no_records_reason(config, summary))
+        _publish(tmp_url, config, summary)
+    finally:
+        _remove_quietly(tmp_url)
+    logger.info(summary.describe())
+    return summary
+
+
+def _no_records_reason(config: PrepareConfig, summary: PrepareSummary) -> str:
+    if summary.tokens:
+        return (
+            f"{config.input_path}: all {summary.tokens} tokens fall in the final partial chunk, "
+            f"which --final-chunk drop discards; use --final-chunk pad to keep it"
+        )
+    return (
+        f"{config.input_path}: no tokens to write ({summary.documents} documents read, "
+        f"{summary.documents_skipped} skipped by --min-unique-tokens)"
+    )

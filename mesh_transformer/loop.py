@@ -1,0 +1,241 @@
+"""The training run: wires config, mesh, data, train steps, checkpoints and metrics together.
+
+Resumes from the newest checkpoint in the run directory when there is one, so running the same
+command again after a crash, a preemption (SIGTERM) or Ctrl-C continues exactly where it stopped:
+the data loader position is part of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from mesh_transformer import storage
+from mesh_transformer.checkpoint import Checkpointer, resolve_checkpoint
+from mesh_transformer.config import Config, ConfigError, to_json_dict
+from mesh_transformer.data.loader import Batch, LoaderState, TFRecordLoader, resolve_index
+from mesh_transformer.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from mesh_transformer.model import non_embedding_params
+from mesh_transformer.sharding import data_parallel_size, make_mesh
+from mesh_transformer.tokenizer import load_tokenizer
+from mesh_transformer.train import Trainer, TrainState
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    tune_model_path: str | None = None
+    fresh_opt: bool = False
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    step: int
+    interrupted: bool
+    last_loss: float | None
+
+
+class StopRequest:
+    """Turns SIGTERM (TPU preemption) and Ctrl-C into a flag checked between steps."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    @contextmanager
+    def installed(self) -> Iterator["StopRequest"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handle(signum, _frame):
+            self.signal_name = signal.Signals(signum).name
+            log.warning("%s received: saving a checkpoint after this step, then exiting", self.signal_name)
+
+        for s in previous:
+            signal.signal(s, handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _real_vocab_size(config: Config) -> int | None:
+    """The tokenizer's vocabulary size, so the loss never gives probability to padded ids."""
+    try:
+        vocab = load_tokenizer(config.run.tokenizer).vocab_size
+    except Exception as e:  # the tokenizer is optional for training; say clearly what is skipped
+        log.warning("could not load tokenizer %r (%s); padded vocabulary ids will not be masked in the loss",
+                    config.run.tokenizer, e)
+        return None
+    if vocab > config.model.n_vocab:
+        raise ConfigError(f"{config.source}: n_vocab ({config.model.n_vocab}) is smaller than the vocabulary "
+                          f"of tokenizer {config.run.tokenizer!r} ({vocab}); raise n_vocab.")
+    return vocab
+
+
+class TrainingRun:
+    def __init__(self, config: Config, options: TrainOptions = TrainOptions()):
+        if not config.run.checkpoint_dir:
+            raise ConfigError(f"{config.source}: set model_dir (and optionally bucket) to say where checkpoints go.")
+        if not config.run.train_set:
+            raise ConfigError(f"{config.source}: set train_set to an index file listing the training tfrecords.")
+        self.config, self.options = config, options
+        self.mesh = make_mesh(config)
+        self.trainer = Trainer(config, self.mesh, real_vocab=_real_vocab_size(config))
+        self.run_dir = config.run.checkpoint_dir
+        self.checkpointer = Checkpointer(self.run_dir, keep_last=config.train.keep_last,
+                                         keep_every=config.train.keep_every)
+        self.metrics = MetricsLogger(storage.join(self.run_dir, METRICS_FILE), primary=jax.process_index() == 0,
+                                     wandb_project=config.run.wandb_project, wandb_name=config.run.name,
+                                     tensorboard_dir=config.run.tensorboard_dir, config=to_json_dict(config))
+
+    # ----- sizes -----
+    @property
+    def global_batch(self) -> int:
+        return self.config.train.per_replica_batch * data_parallel_size(self.mesh)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.config.train.gradient_accumulation_steps * self.config.model.seq
+
+    def _local_batch_shape(self, microbatches: int) -> tuple[int, int]:
+        return microbatches, self.global_batch // jax.process_count()
+
+    # ----- state -----
+    def _initial_state(self) -> tuple[TrainState, LoaderState | None]:
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            log.info("resuming from %s step %d", self.run_dir, latest)
+            state, meta = self.checkpointer.restore(self.trainer.abstract_state(), latest)
+            self.metrics.truncate_after(latest)
+            return state, LoaderState.from_dict(meta["train_loader"])
+        if self.options.tune_model_path:
+            return self._fine_tune_start(), None
+        log.info("starting a new run in %s", self.run_dir)
+        return self.trainer.init_state(self.config.train.seed), None
+
+    def _fine_tune_start(self) -> TrainState:
+        source_dir, step = resolve_checkpoint(self.options.tune_model_path)
+        log.info("fine-tuning from %s step %d (schedule restarts at 0%s)", source_dir, step,
+                 ", fresh optimizer state" if self.options.fresh_opt else "")
+        abstract = self.trainer.abstract_state()
+        with Checkpointer(source_dir) as source:
+            if self.options.fresh_opt:
+                restored, _ = source.restore(abstract, step, restore_keys=("params",))
+                return self.trainer.state_from_params(restored["params"], self.config.train.seed)
+            else:
+                state, _ = source.restore(abstract, step)
+        return state.replace(step=jax.device_put(np.int32(0), abstract.step.sharding))
+
+    # ----- data -----
+    def _train_loader(self, state: LoaderState | None) -> TFRecordLoader:
+        return TFRecordLoader(
+            resolve_index(self.config.run.train_set), self.config.model.seq + 1,
+            self._local_batch_shape(self.config.train.gradient_accumulation_steps),
+            seed=self.config.train.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), state=state,
+        )
+
+    def _to_device(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        sharding = self.trainer.batch_sharding()
+        return (jax.make_array_from_process_local_data(sharding, batch.tokens),
+                jax.make_array_from_process_local_data(sharding, batch.mask))
+
+    def validate(self, params, eval_step) -> dict[str, float]:
+        results = {}
+        for name, index in self.config.run.val_set.items():
+            loss_sum, count = 0.0, 0.0
+            loader = TFRecordLoader(resolve_index(index), self.config.model.seq + 1, self._local_batch_shape(1),
+                                    shuffle=False, loop=False, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+            with loader:
+                for _, batch in zip(range(self.config.train.val_batches), loader):
+                    s, n = eval_step(params, *self._to_device(batch))
+                    loss_sum, count = loss_sum + float(s), count + float(n)
+            if count == 0:
+                log.warning("validation set %r (%s) gave no complete batch", name, index)
+                continue
+            results[f"val/loss_{name}"] = loss_sum / count
+        return results
+
+    # ----- the loop -----
+    def _save(self, state: TrainState, loader: TFRecordLoader, force: bool = False) -> None:
+        step = int(state.step)
+        self.checkpointer.save(step, state, {"train_loader": loader.state().to_dict(), "step": step,
+                                             "config": to_json_dict(self.config)}, force=force)
+
+    def run(self) -> TrainResult:
+        cfg = self.config.train
+        state, loader_state = self._initial_state()
+        start = int(state.step)
+        if start >= cfg.total_steps:
+            log.info("already at step %d of %d: nothing to do", start, cfg.total_steps)
+            return TrainResult(start, False, None)
+        train_step, eval_step = self.trainer.jit_train_step(), self.trainer.jit_eval_step()
+        flops_per_token = model_flops_per_token(non_embedding_params(state.params), self.config.model.layers,
+                                                self.config.model.d_model, self.config.model.seq)
+        peak, peak_source = device_peak_flops(jax.devices()[0])
+        log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
+                 dict(self.mesh.shape), self.global_batch, cfg.gradient_accumulation_steps, flops_per_token,
+                 peak, peak_source)
+        stop, last_loss, step = StopRequest(), None, start
+        bar = tqdm(total=cfg.total_steps, initial=start, desc="train", disable=not self.options.show_progress,
+                   dynamic_ncols=True)
+        with self._train_loader(loader_state) as loader, stop.installed(), bar:
+            tick, tick_step = time.perf_counter(), start
+            while step < cfg.total_steps and not stop:
+                state, metrics = train_step(state, *self._to_device(next(loader)))
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                    tokens_per_sec = self.tokens_per_step * (step - tick_step) / elapsed
+                    tick_step, last_loss = step, metrics["loss"]
+                    record = {f"train/{k}": v for k, v in metrics.items()}
+                    record["train/tokens_per_sec"] = tokens_per_sec
+                    record["train/mfu"] = mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)
+                    self.metrics.log(step, record)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                                    mfu=f"{record['train/mfu']:.1%}")
+                if self.config.run.val_set and cfg.val_batches and step % cfg.val_every == 0:
+                    val = self.validate(state.params, eval_step)
+                    self.metrics.log(step, val)
+                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    tick = time.perf_counter()
+                if step % cfg.ckpt_every == 0 or step == cfg.total_steps or stop:
+                    self._save(state, loader, force=bool(stop))
+        self.checkpointer.wait()
+        if stop:
+            log.warning("stopped by %s at step %d; run the same command to resume", stop.signal_name, step)
+        return TrainResult(step, bool(stop), last_loss)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.metrics.close()
+
+
+def train(config: Config, options: TrainOptions = TrainOptions()) -> TrainResult:
+    run = TrainingRun(config, options)
+    try:
+        return run.run()
+    finally:
+        run.close()

@@ -1,0 +1,199 @@
+"""End-to-end training through device_train.py in real subprocesses: resume, kill -9, fine-tune."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.config import load_config
+from mesh_transformer.data.tfrecord import open_writer
+from mesh_transformer.sharding import make_mesh
+from mesh_transformer.train import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 32
+VOCAB = 257  # the byte tokenizer
+
+
+def write_dataset(directory: Path, name: str, n_files: int, records_per_file: int, seed: int) -> Path:
+    """Counting sequences with a per-record stride: learnable, and every record distinct."""
+    rng = np.random.RandomState(seed)
+    paths = []
+    for i in range(n_files):
+        path = directory / f"{name}_{i}.tfrecords"
+        with open_writer(str(path)) as writer:
+            for _ in range(records_per_file):
+                start, stride = rng.randint(0, VOCAB), rng.randint(1, 4)
+                writer.write_example({"text": (start + stride * np.arange(SEQ + 1)) % VOCAB})
+        paths.append(path.name)
+    index = directory / f"{name}.index"
+    index.write_text("\n".join(paths) + "\n")
+    return index
+
+
+def write_config(path: Path, model_dir: Path, data: Path, **overrides) -> Path:
+    raw = dict(layers=2, d_model=32, n_heads=4, n_vocab=264, seq=SEQ, pe_rotary_dims=4, tokenizer="bytes",
+               per_replica_batch=2, gradient_accumulation_steps=2, lr=1e-2, end_lr=1e-3, warmup_steps=2,
+               anneal_steps=10, weight_decay=0.1, total_steps=12, ckpt_every=3, keep_last=2, val_every=6,
+               val_batches=2, model_dir=str(model_dir), train_set=str(data / "train.index"),
+               val_set={"heldout": str(data / "val.index")}, mesh={"dp": 2, "fsdp": 1, "mp": 2}, seed=3)
+    raw.update(overrides)
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def env_with_devices(n: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def train_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "device_train.py"), "--config", str(config), "--no-progress", *extra]
+
+
+def run_train(config: Path, *extra: str, devices: int = 4) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(config, *extra), env=env_with_devices(devices), cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_metrics(model_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(model_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(model_dir) if "train/loss" in r}
+
+
+def final_params(config_path: Path) -> dict:
+    config = load_config(str(config_path))
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:4]))
+    with Checkpointer(config.run.checkpoint_dir) as checkpoints:
+        state, _ = checkpoints.restore(trainer.abstract_state(), restore_keys=("params",))
+    return jax.device_get(state["params"])
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("data")
+    write_dataset(directory, "train", n_files=3, records_per_file=40, seed=0)
+    write_dataset(directory, "val", n_files=1, records_per_file=16, seed=1)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(root / "config.json", root / "run", data_dir)
+    run_train(config)
+    return config, root / "run"
+
+
+@pytest.mark.slow
+def test_training_writes_metrics_checkpoints_and_learns(uninterrupted):
+    config, run_dir = uninterrupted
+    records = read_metrics(run_dir)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    for key in ("train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "train/mfu"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert train[0]["train/learning_rate"] == 0.0  # warmup starts from 0, as in the original
+    val = [r for r in records if "val/loss_heldout" in r]
+    assert [r["step"] for r in val] == [6, 12]
+    assert train[-1]["train/loss"] < 0.9 * train[0]["train/loss"]
+    steps = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("step_*"))
+    assert steps == [9, 12]  # keep_last=2
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+    ref_config, ref_dir = uninterrupted
+    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir)
+    process = subprocess.Popen(train_command(config), env=env_with_devices(4), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(train_losses(tmp_path / "run")) >= 7:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "training finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(train_losses(tmp_path / "run"))
+    assert killed_at < 12
+
+    run_train(config)
+    assert train_losses(tmp_path / "run") == train_losses(ref_dir)
+    assert_trees_equal(final_params(config), final_params(ref_config))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_a_rerun_finishes_identically(tmp_path, data_dir, uninterrupted):
+    ref_config, ref_dir = uninterrupted
+    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir, ckpt_every=100)
+    process = subprocess.Popen(train_command(config), env=env_with_devices(4), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while process.poll() is None and not (metrics.exists() and len(train_losses(tmp_path / "run")) >= 4):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped_at = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run").glob("step_*"))
+    assert len(stopped_at) == 1 and 4 <= stopped_at[0] < 12  # only the SIGTERM save exists (ckpt_every=100)
+    run_train(config)
+    assert train_losses(tmp_path / "run") == train_losses(ref_dir)
+    assert_trees_equal(final_params(config), final_params(ref_config))
+
+
+@pytest.mark.slow
+def test_resume_onto_a_different_mesh(tmp_path, data_dir, uninterrupted):
+    ref_config, _ = uninterrupted
+    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir, total_steps=6)
+    run_train(config)
+    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir,
+                          mesh={"dp": 1, "fsdp": 2, "mp": 2})
+    run_train(config)
+    assert max(train_losses(tmp_path / "run")) == 12
+    reference = final_params(ref_config)
+    for x, y in zip(jax.tree.leaves(final_params(config)), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fine_tune_from_another_run_restarts_the_schedule(tmp_path, data_dir, uninterrupted):
+    _, ref_dir = uninterrupted
+    for fresh in (False, True):
+        config = write_config(tmp_path / f"ft{fresh}.json", tmp_path / f"ft{fresh}", data_dir, total_steps=3,
+                              warmup_steps=0)
+        run_train(config, "--tune-model-path", str(ref_dir), *(["--fresh-opt"] if fresh else []))
+        records = [r for r in read_metrics(tmp_path / f"ft{fresh}") if "train/loss" in r]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert records[0]["train/learning_rate"] == pytest.approx(1e-2)
+        # Starting from trained weights, the first loss is far below a fresh model's.
+        assert records[0]["train/loss"] < 0.9 * train_losses(ref_dir)[1]
+
+
+def test_bad_config_exits_with_a_clear_message(tmp_path, data_dir):
+    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir, n_heads=3)
+    result = subprocess.run(train_command(config), env=env_with_devices(4), cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert "d_model (32) must be divisible by n_heads (3)" in result.stderr
