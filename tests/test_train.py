@@ -134,3 +134,16 @@ def test_z_loss_adds_squared_log_partition():
     with_z, _ = cross_entropy(logits, jnp.array([[1]]), jnp.ones((1, 1)), z_loss=1e-2)
     lse = float(jax.nn.logsumexp(logits))
     assert float(with_z - base) == pytest.approx(1e-2 * lse**2, rel=1e-5)
+
+
+def test_bfloat16_parameters_train_and_keep_their_dtype():
+    config = tiny_config(param_dtype="bfloat16", compute_dtype="bfloat16", lr=3e-3, warmup_steps=0)
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:2]))
+    state = trainer.init_state(seed=0)
+    step = trainer.jit_train_step()
+    losses = []
+    for i in range(20):
+        state, metrics = step(state, *counting_batch(i, 8, config.model.seq, config.model.n_vocab))
+        losses.append(float(metrics["loss"]))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state.params))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

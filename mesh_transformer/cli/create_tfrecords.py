@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mesh_transformer.cli import setup_logging
 from mesh_transformer.data.prepare import PrepareConfig, PrepareError, prepare_tfrecords
 from mesh_transformer.tokenizer import TokenizerError
 
@@ -91,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     if args.verbose:
         # Only our own loggers: third-party debug output would bury the report of skipped documents.
         logging.getLogger("mesh_transformer").setLevel(logging.DEBUG)

@@ -14,6 +14,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from mesh_transformer.cli import setup_logging
 from mesh_transformer import storage
 from mesh_transformer.checkpoint import Checkpointer
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
@@ -71,15 +72,25 @@ def prepare_data(data_dir: Path, seq: int, max_bytes: int) -> None:
             raise SystemExit(code)
 
 
-def print_sample(config_path: str, prompt: str, max_new_tokens: int) -> None:
+def print_loss_summary(metrics_path: Path) -> None:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [r["train/loss"] for r in records if "train/loss" in r]
+    val = [(r["step"], r["val/loss_stdlib"]) for r in records if "val/loss_stdlib" in r]
+    if train:
+        print(f"train loss: {train[0]:.3f} at step 1 -> {train[-1]:.3f} at step {len(train)} (nats per byte)")
+    for step, loss in val:
+        print(f"validation loss at step {step}: {loss:.3f}")
+
+
+def print_sample(config_path: str, prompt: str, max_new_tokens: int, temperature: float) -> None:
     config = load_config(config_path)
     tokenizer = load_tokenizer(config.run.tokenizer)
     trainer = Trainer(config, make_mesh(config))
     with Checkpointer(config.run.checkpoint_dir) as checkpoints:
         state, _ = checkpoints.restore(trainer.abstract_state(), restore_keys=("params",))
     ids = generate(Transformer(config.model), state["params"], tokenizer.encode(prompt), max_new_tokens,
-                   real_vocab=tokenizer.vocab_size, temperature=0.0, eos_id=tokenizer.eos_token_id)
-    print("\n--- sample (greedy) ---")
+                   real_vocab=tokenizer.vocab_size, temperature=temperature, eos_id=tokenizer.eos_token_id)
+    print(f"\n--- sample (temperature {temperature}) ---")
     print(prompt + tokenizer.decode(ids))
     print("-----------------------")
 
@@ -89,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="demo_run", help="where data, checkpoints and metrics go")
     parser.add_argument("--steps", type=int, default=None, help="override total_steps")
     parser.add_argument("--corpus-mb", type=float, default=6.0, help="how much stdlib source to use")
-    parser.add_argument("--prompt", default="def ")
+    parser.add_argument("--prompt", default="import os\n\n\ndef ")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 samples greedily")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     workdir = Path(args.workdir).resolve()
     raw = json.loads(DEMO_CONFIG.read_text())
     raw["model_dir"] = str(workdir / "checkpoints")
@@ -105,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     storage.write_text_atomic(str(config_path), json.dumps(raw, indent=2) + "\n")
     prepare_data(workdir / "data", raw["seq"], int(args.corpus_mb * 2**20))
     result = train(load_config(str(config_path)), TrainOptions())
-    print(f"trained to step {result.step}; metrics in {workdir / 'checkpoints' / 'metrics.jsonl'}; "
+    metrics_path = workdir / "checkpoints" / "metrics.jsonl"
+    print(f"trained to step {result.step}; metrics in {metrics_path}; "
           f"config in {config_path} (reuse it with: python device_train.py --config {config_path})")
-    print_sample(str(config_path), args.prompt, max_new_tokens=80)
+    print_loss_summary(metrics_path)
+    print_sample(str(config_path), args.prompt, max_new_tokens=96, temperature=args.temperature)
     return 0
 
 

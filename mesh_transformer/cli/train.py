@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mesh_transformer.cli import setup_logging
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.loop import TrainOptions, train
 
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level.upper())
     if args.fresh_opt and not args.tune_model_path:
         print("error: --fresh-opt only applies together with --tune-model-path", file=sys.stderr)
         return 2
