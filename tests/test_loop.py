@@ -121,46 +121,47 @@ def test_training_writes_metrics_checkpoints_and_learns(uninterrupted):
     assert steps == [9, 12]  # keep_last=2
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
-    ref_config, ref_dir = uninterrupted
-    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir)
+def start_training_until(config: Path, run_dir: Path, logged_steps: int) -> subprocess.Popen:
+    """Start device_train.py and return once its metrics file shows ``logged_steps`` train steps."""
     process = subprocess.Popen(train_command(config), env=env_with_devices(4), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(train_losses(tmp_path / "run")) >= 7:
-            break
+        if (run_dir / "metrics.jsonl").exists() and len(train_losses(run_dir)) >= logged_steps:
+            return process
         time.sleep(0.05)
-    assert process.poll() is None, "training finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = max(train_losses(tmp_path / "run"))
-    assert killed_at < 12
+    process.kill()
+    raise AssertionError(f"training ended or stalled before step {logged_steps}: {process.communicate()[1][-2000:]}")
 
+
+def assert_finishes_like(config: Path, run_dir: Path, reference: tuple[Path, Path]) -> None:
+    """Rerun to the end; per-step losses and final parameters equal the uninterrupted run exactly."""
+    ref_config, ref_dir = reference
     run_train(config)
-    assert train_losses(tmp_path / "run") == train_losses(ref_dir)
+    assert train_losses(run_dir) == train_losses(ref_dir)
     assert_trees_equal(final_params(config), final_params(ref_config))
 
 
 @pytest.mark.slow
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+    config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir)
+    process = start_training_until(config, tmp_path / "run", logged_steps=7)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert max(train_losses(tmp_path / "run")) < 12
+    assert_finishes_like(config, tmp_path / "run", uninterrupted)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_a_rerun_finishes_identically(tmp_path, data_dir, uninterrupted):
-    ref_config, ref_dir = uninterrupted
     config = write_config(tmp_path / "config.json", tmp_path / "run", data_dir, ckpt_every=100)
-    process = subprocess.Popen(train_command(config), env=env_with_devices(4), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    while process.poll() is None and not (metrics.exists() and len(train_losses(tmp_path / "run")) >= 4):
-        time.sleep(0.05)
+    process = start_training_until(config, tmp_path / "run", logged_steps=4)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-2000:]
     stopped_at = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run").glob("step_*"))
     assert len(stopped_at) == 1 and 4 <= stopped_at[0] < 12  # only the SIGTERM save exists (ckpt_every=100)
-    run_train(config)
-    assert train_losses(tmp_path / "run") == train_losses(ref_dir)
-    assert_trees_equal(final_params(config), final_params(ref_config))
+    assert_finishes_like(config, tmp_path / "run", uninterrupted)
 
 
 @pytest.mark.slow

@@ -43,16 +43,20 @@ def test_mesh_shape_does_not_change_the_math(reference_run, mesh_shape):
     assert ref_losses[0] != ref_losses[-1]
 
 
-def test_training_reduces_loss_on_a_learnable_sequence():
-    config = tiny_config(lr=3e-3, warmup_steps=5, anneal_steps=0)
-    mesh = make_mesh(config, jax.devices()[:1])
-    trainer = Trainer(config, mesh)
-    state = trainer.init_state(seed=1)
+def train_on_counting_data(config, n_devices: int, steps: int, seed: int):
+    """Train from scratch on counting sequences; returns the final state and the per-step losses."""
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:n_devices]))
+    state = trainer.init_state(seed=seed)
     step = trainer.jit_train_step()
     losses = []
-    for i in range(80):
+    for i in range(steps):
         state, metrics = step(state, *counting_batch(i, 8, config.model.seq, config.model.n_vocab))
         losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_training_reduces_loss_on_a_learnable_sequence():
+    _, losses = train_on_counting_data(tiny_config(lr=3e-3, warmup_steps=5, anneal_steps=0), 1, 80, seed=1)
     assert losses[0] > 3.5
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
 
@@ -138,12 +142,6 @@ def test_z_loss_adds_squared_log_partition():
 
 def test_bfloat16_parameters_train_and_keep_their_dtype():
     config = tiny_config(param_dtype="bfloat16", compute_dtype="bfloat16", lr=3e-3, warmup_steps=0)
-    trainer = Trainer(config, make_mesh(config, jax.devices()[:2]))
-    state = trainer.init_state(seed=0)
-    step = trainer.jit_train_step()
-    losses = []
-    for i in range(20):
-        state, metrics = step(state, *counting_batch(i, 8, config.model.seq, config.model.n_vocab))
-        losses.append(float(metrics["loss"]))
+    state, losses = train_on_counting_data(config, 2, 20, seed=0)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state.params))
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
