@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ROTARY_STYLES = ("gptj", "neox")
-SUPPORTED_PE = ("rotary",)
+SUPPORTED_PE = ("rotary", "fixed")
+ACTIVATIONS = ("gelu_new", "gelu")
+RESIDUALS = ("parallel", "sequential")
+ATTENTION_KINDS = ("global", "local")
 SUPPORTED_NORMS = ("layernorm",)
 
 
@@ -48,8 +51,19 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "full"
-    scan_layers: bool = True
     scan_unroll: int = 1
+    # Architecture variants (GPT-J defaults; GPT-NeoX and GPT-Neo set these, see configs/).
+    d_ff: int | None = None
+    activation: str = "gelu_new"
+    residual: str = "parallel"
+    separate_mlp_norm: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    scale_attention: bool = True
+    attention_layers: tuple[str, ...] = ()
+    window_size: int = 256
+    tie_embeddings: bool = False
+    lm_head_bias: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -57,11 +71,17 @@ class ModelConfig:
 
     @property
     def rotary_dims(self) -> int:
+        if self.pe != "rotary":
+            return 0
         return self.pe_rotary_dims if self.pe_rotary_dims is not None else self.head_dim
 
     @property
-    def d_ff(self) -> int:
-        return 4 * self.d_model
+    def ff_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def has_local_attention(self) -> bool:
+        return "local" in self.attention_layers
 
 
 @dataclass(frozen=True)
@@ -194,8 +214,9 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         sections[section][name] = value
     if "val_set" in sections["run"] and isinstance(sections["run"]["val_set"], str):
         sections["run"]["val_set"] = {"val": sections["run"]["val_set"]}
-    if "eval_harness_tasks" in sections["run"] and isinstance(sections["run"]["eval_harness_tasks"], list):
-        sections["run"]["eval_harness_tasks"] = tuple(sections["run"]["eval_harness_tasks"])
+    for section, key in (("run", "eval_harness_tasks"), ("model", "attention_layers")):
+        if isinstance(sections[section].get(key), list):
+            sections[section][key] = tuple(sections[section][key])
 
     config = Config(
         model=_build(ModelConfig, sections["model"], source),
@@ -317,10 +338,25 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"{src}: d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads}), or set d_head explicitly."
         )
-    if m.rotary_dims % 2 or not 0 < m.rotary_dims <= m.head_dim:
+    if m.pe == "rotary" and (m.rotary_dims % 2 or not 0 < m.rotary_dims <= m.head_dim):
         raise ConfigError(
             f"{src}: pe_rotary_dims ({m.rotary_dims}) must be even and between 2 and the head size ({m.head_dim})."
         )
+    _choice(src, "activation", m.activation, ACTIVATIONS)
+    _choice(src, "residual", m.residual, RESIDUALS)
+    if m.residual == "sequential" and not m.separate_mlp_norm:
+        raise ConfigError(f'{src}: residual "sequential" needs separate_mlp_norm: true (a norm before each branch).')
+    if m.attention_layers and len(m.attention_layers) != m.layers:
+        raise ConfigError(f"{src}: attention_layers lists {len(m.attention_layers)} entries but layers is "
+                          f"{m.layers}; give one of {', '.join(ATTENTION_KINDS)} per layer.")
+    for kind in m.attention_layers:
+        _choice(src, "attention_layers", kind, ATTENTION_KINDS)
+    _positive(src, "window_size", m.window_size)
+    if m.d_ff is not None:
+        _positive(src, "d_ff", m.d_ff)
+    if m.tie_embeddings and m.lm_head_bias:
+        raise ConfigError(f"{src}: tie_embeddings: true reuses wte as the output layer, which has no bias; "
+                          "set lm_head_bias: false.")
     t, o = config.train, config.optimizer
     for key in ("per_replica_batch", "gradient_accumulation_steps", "total_steps", "ckpt_every", "val_every",
                 "keep_last", "log_every"):
@@ -340,7 +376,7 @@ def check_mesh_fits(config: Config, dp: int, fsdp: int, mp: int) -> None:
     """Raise a ConfigError if the model's sharded dimensions do not divide the mesh axes."""
     m, src = config.model, config.source
     fix = 'change "mesh" (or cores_per_replica) or the model shape'
-    for key, size in (("n_heads", m.n_heads), ("n_vocab", m.n_vocab)):
+    for key, size in (("n_heads", m.n_heads), ("n_vocab", m.n_vocab), ("d_ff", m.ff_dim)):
         if size % mp:
             raise ConfigError(f"{src}: {key} ({size}) must be divisible by the mp (tensor-parallel) size {mp}; {fix}.")
     if m.d_model % fsdp:

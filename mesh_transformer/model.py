@@ -4,6 +4,10 @@
     h_{l+1} = h_l + attn(ln_l(h_l)) + mlp(ln_l(h_l))        one LayerNorm feeds both branches
     logits = lm_head(ln_f(h_L))                              untied, with bias
 
+GPT-NeoX (Pythia) and GPT-Neo are options of the same code, not copies: half-split rotary, a second
+LayerNorm per layer, a sequential residual, biases on the attention projections, learned absolute
+positions (``pe: fixed``), local-attention layers, unscaled attention and tied embeddings.
+
 Every weight is created with logical axis names (see ``sharding.LOGICAL_AXIS_RULES``), and the layer
 stack is one ``nn.scan`` over a single block, so parameters of all layers are stacked on a leading
 ``layers`` axis and compile time does not grow with depth. Parameter names follow Hugging Face's
@@ -96,28 +100,55 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, style: str) -> ja
     return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
 
 
+GLOBAL_WINDOW = 2**30  # a window no sequence reaches: plain causal attention
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array, window: jax.Array) -> jax.Array:
+    """(batch, 1, q, k) mask: causal, and within ``window`` tokens back for local-attention layers."""
+    distance = q_positions[:, :, None] - k_positions[:, None, :]
+    return ((distance >= 0) & (distance < window))[:, None]
+
+
+def layer_windows(cfg: ModelConfig) -> jax.Array:
+    """Per-layer attention window, scanned alongside the stacked layers."""
+    kinds = cfg.attention_layers or ("global",) * cfg.layers
+    return jnp.asarray([cfg.window_size if k == "local" else GLOBAL_WINDOW for k in kinds], jnp.int32)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array) -> jax.Array:
         cfg = self.cfg
         inner = cfg.n_heads * cfg.head_dim
         batch, length, _ = x.shape
 
         def project(name: str) -> jax.Array:
-            y = _dense(cfg, inner, ("embed", "heads"), name, use_bias=False)(x)
+            y = _dense(cfg, inner, ("embed", "heads"), name, use_bias=cfg.qkv_bias)(x)
             y = y.reshape(batch, length, cfg.n_heads, cfg.head_dim)
             return constrain(y, ("batch", "length", "act_heads", "head_dim"))
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
-        sin, cos = rotary_angles(positions, cfg.rotary_dims, cfg.rotary_base)
-        q = apply_rotary(q, sin, cos, cfg.rotary_style)
-        k = apply_rotary(k, sin, cos, cfg.rotary_style)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        if cfg.pe == "rotary":
+            sin, cos = rotary_angles(positions, cfg.rotary_dims, cfg.rotary_base)
+            q = apply_rotary(q, sin, cos, cfg.rotary_style)
+            k = apply_rotary(k, sin, cos, cfg.rotary_style)
+        scale = None if cfg.scale_attention else 1.0
+        if cfg.has_local_attention:
+            mask = attention_mask(positions, positions, window)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
         out = constrain(out.reshape(batch, length, inner), ("batch", "length", "act_heads"))
-        return _dense(cfg, cfg.d_model, ("heads", "embed"), "out_proj", use_bias=False,
+        return _dense(cfg, cfg.d_model, ("heads", "embed"), "out_proj", use_bias=cfg.out_bias,
                       stddev=_residual_stddev(cfg))(out)
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 
 
 class MLP(nn.Module):
@@ -126,21 +157,32 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        h = _dense(cfg, cfg.d_ff, ("embed", "mlp"), "fc_in", use_bias=True)(x)
-        h = constrain(jax.nn.gelu(h, approximate=True), ("batch", "length", "act_mlp"))
+        h = _dense(cfg, cfg.ff_dim, ("embed", "mlp"), "fc_in", use_bias=True)(x)
+        h = constrain(ACTIVATIONS[cfg.activation](h), ("batch", "length", "act_mlp"))
         return _dense(cfg, cfg.d_model, ("mlp", "embed"), "fc_out", use_bias=True,
                       stddev=_residual_stddev(cfg))(h)
 
 
 class Block(nn.Module):
-    """One GPT-J layer; the (carry, _) signature lets ``nn.scan`` stack it."""
+    """One transformer layer; the (carry, per-layer input) signature lets ``nn.scan`` stack it.
+
+    parallel (GPT-J, GPT-NeoX):  x + attn(ln_1(x)) + mlp(ln_1(x) or ln_2(x))
+    sequential (GPT-Neo):        h = x + attn(ln_1(x));  h + mlp(ln_2(h))
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
-        h = _layer_norm(self.cfg, "ln_1")(x)
-        x = x + Attention(self.cfg, name="attn")(h, positions) + MLP(self.cfg, name="mlp")(h)
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
+        mlp_norm = _layer_norm(cfg, "ln_2") if cfg.separate_mlp_norm else None
+        h = _layer_norm(cfg, "ln_1")(x)
+        if cfg.residual == "sequential":
+            x = x + attn(h, positions, window)
+            x = x + mlp(mlp_norm(x))
+        else:
+            x = x + attn(h, positions, window) + mlp(mlp_norm(x) if mlp_norm else h)
         return constrain(x, ("batch", "length", "act_embed")), None
 
 
@@ -152,7 +194,7 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=nn.broadcast,
+        in_axes=(nn.broadcast, 0),
         length=cfg.layers,
         unroll=min(cfg.scan_unroll, cfg.layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -169,19 +211,23 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = nn.Embed(
-            cfg.n_vocab,
-            cfg.d_model,
-            dtype=dtype_of(cfg.compute_dtype),
-            param_dtype=dtype_of(cfg.param_dtype),
-            embedding_init=_kernel_init(("vocab", "embed")),
-            name="wte",
-        )(tokens)
+        wte = _embedding(cfg, cfg.n_vocab, ("vocab", "embed"), "wte")
+        x = wte(tokens)
+        if cfg.pe == "fixed":
+            x = x + _embedding(cfg, cfg.seq, ("positions", "embed"), "wpe")(positions)
         x = constrain(x, ("batch", "length", "act_embed"))
-        x, _ = _layer_stack(cfg)(cfg, name=STACKED_LAYERS)(x, positions)
+        x, _ = _layer_stack(cfg)(cfg, name=STACKED_LAYERS)(x, positions, layer_windows(cfg))
         x = _layer_norm(cfg, "ln_f")(x)
-        logits = _dense(cfg, cfg.n_vocab, ("embed", "vocab"), "lm_head", use_bias=True)(x)
+        if cfg.tie_embeddings:
+            logits = wte.attend(x)
+        else:
+            logits = _dense(cfg, cfg.n_vocab, ("embed", "vocab"), "lm_head", use_bias=cfg.lm_head_bias)(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def _embedding(cfg: ModelConfig, rows: int, names: tuple[str, str], name: str) -> nn.Embed:
+    return nn.Embed(rows, cfg.d_model, dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype),
+                    embedding_init=_kernel_init(names), name=name)
 
 
 def count_params(params) -> int:
@@ -189,5 +235,6 @@ def count_params(params) -> int:
 
 
 def non_embedding_params(params) -> int:
-    """Parameters excluding the input embedding (the lm_head counts), as used for FLOP accounting."""
-    return count_params(params) - int(params["wte"]["embedding"].size)
+    """Parameters excluding the input embeddings (the lm_head counts), as used for FLOP accounting."""
+    embeddings = sum(int(params[name]["embedding"].size) for name in ("wte", "wpe") if name in params)
+    return count_params(params) - embeddings

@@ -30,6 +30,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "mp",
     "layers": None,
     "norm": None,
+    "positions": None,
     # activations
     "batch": ("dp", "fsdp"),
     "length": None,
