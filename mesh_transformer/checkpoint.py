@@ -52,6 +52,13 @@ def _atomicity_options(url: str) -> ocp.options.AtomicityOptions:
     return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
 
+def _state_handler(url: str) -> ocp.PyTreeCheckpointHandler:
+    # OCDBT keeps all arrays in one database whose manifest is updated with conditional writes; on
+    # object stores we write one zarr array per leaf instead, which needs no write preconditions
+    # (the GCS emulator used in tests intermittently rejects OCDBT's manifest updates).
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=storage.is_local(url))
+
+
 def _name_format(url: str):
     return ocp.path.step.standard_name_format(
         step_prefix=STEP_PREFIX, atomicity_options=_atomicity_options(url)
@@ -122,7 +129,8 @@ class Checkpointer:
             cleanup_tmp_directories=False,
         )
         self._manager = ocp.CheckpointManager(
-            _orbax_path(directory), item_names=(STATE_ITEM, METADATA_ITEM), options=options
+            _orbax_path(directory), options=options,
+            item_handlers={STATE_ITEM: _state_handler(directory), METADATA_ITEM: ocp.JsonCheckpointHandler()},
         )
         self._cleaned_unfinished = False
 

@@ -179,6 +179,7 @@ class TrainingRun:
     # ----- the loop -----
     def _save(self, state: TrainState, loader: TFRecordLoader, force: bool = False) -> None:
         step = int(state.step)
+        self.metrics.flush()  # object stores buffer metric lines; never lose those a checkpoint covers
         self.checkpointer.save(step, state, {"train_loader": loader.state().to_dict(), "step": step,
                                              "config": to_json_dict(self.config)}, force=force)
 

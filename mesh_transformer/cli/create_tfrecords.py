@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from mesh_transformer.cli import setup_logging
 from mesh_transformer.data.prepare import PrepareConfig, PrepareError, prepare_tfrecords
@@ -89,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         prepare_tfrecords(config_from_args(args))
     except (PrepareError, TokenizerError) as e:
         parser.exit(1, f"error: {e}\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
