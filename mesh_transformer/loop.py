@@ -3,6 +3,10 @@
 Resumes from the newest checkpoint in the run directory when there is one, so running the same
 command again after a crash, a preemption (SIGTERM) or Ctrl-C continues exactly where it stopped:
 the data loader position is part of every checkpoint.
+
+With several processes (hosts) every process runs this same loop: each reads the data streams of
+its own rows of the global batch (see ``data.loader``), all agree on when to stop, every stream's
+position is gathered into each checkpoint, and only process 0 writes metrics and shows progress.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from mesh_transformer import storage
 from mesh_transformer.checkpoint import Checkpointer, resolve_checkpoint
 from mesh_transformer.config import Config, ConfigError, to_json_dict
-from mesh_transformer.data.loader import Batch, LoaderState, TFRecordLoader, resolve_index
+from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFRecordLoader, resolve_index
 from mesh_transformer.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
 from mesh_transformer.model import non_embedding_params
 from mesh_transformer.sharding import data_parallel_size, make_mesh
@@ -91,6 +96,28 @@ def _real_vocab_size(config: Config) -> int | None:
     return vocab
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any; a collective, so all processes must call it.
+
+    Processes act on signals and end-of-data together this way: one process stopping alone would
+    leave the others waiting forever in the next step's collectives.
+    """
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray(flag, np.int32)).any())
+
+
+def local_row_block(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """The contiguous block [start, stop) of ``axis`` that this process's devices hold."""
+    indices = sharding.addressable_devices_indices_map(global_shape).values()
+    blocks = {index[axis].indices(global_shape[axis])[:2] for index in indices}
+    start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
+    if sum(b - a for a, b in blocks) != stop - start:
+        raise ValueError(f"this process holds rows {sorted(blocks)} of the batch, which are not one contiguous block; "
+                         "order the mesh devices so that each process's devices are adjacent on dp and fsdp")
+    return start, stop
+
+
 class TrainingRun:
     def __init__(self, config: Config, options: TrainOptions = TrainOptions()):
         if not config.run.checkpoint_dir:
@@ -116,8 +143,21 @@ class TrainingRun:
     def tokens_per_step(self) -> int:
         return self.global_batch * self.config.train.gradient_accumulation_steps * self.config.model.seq
 
-    def _local_batch_shape(self, microbatches: int) -> tuple[int, int]:
-        return microbatches, self.global_batch // jax.process_count()
+    @property
+    def data_streams(self) -> int:
+        """One data stream per batch shard (dp * fsdp): fixed by the mesh shape, whatever the process count."""
+        return data_parallel_size(self.mesh)
+
+    def _global_batch_shape(self, microbatches: int) -> tuple[int, int, int]:
+        return microbatches, self.global_batch, self.config.model.seq + 1
+
+    def _loader(self, index: str, microbatches: int, **options) -> TFRecordLoader:
+        """A loader for this process's block of rows, which are those of a contiguous block of streams."""
+        start, stop = local_row_block(self.trainer.batch_sharding(), self._global_batch_shape(microbatches), axis=1)
+        rows_per_stream = self.global_batch // self.data_streams
+        return TFRecordLoader(resolve_index(index), self.config.model.seq + 1, (microbatches, stop - start),
+                              streams=self.data_streams,
+                              stream_range=(start // rows_per_stream, stop // rows_per_stream), **options)
 
     # ----- state -----
     def _initial_state(self) -> tuple[TrainState, LoaderState | None]:
@@ -147,27 +187,35 @@ class TrainingRun:
 
     # ----- data -----
     def _train_loader(self, state: LoaderState | None) -> TFRecordLoader:
-        return TFRecordLoader(
-            resolve_index(self.config.run.train_set), self.config.model.seq + 1,
-            self._local_batch_shape(self.config.train.gradient_accumulation_steps),
-            seed=self.config.train.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), state=state,
-        )
+        return self._loader(self.config.run.train_set, self.config.train.gradient_accumulation_steps,
+                            seed=self.config.train.seed, state=state)
 
     def _to_device(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
         sharding = self.trainer.batch_sharding()
-        return (jax.make_array_from_process_local_data(sharding, batch.tokens),
-                jax.make_array_from_process_local_data(sharding, batch.mask))
+        shape = self._global_batch_shape(batch.tokens.shape[0])
+        return (jax.make_array_from_process_local_data(sharding, batch.tokens, shape),
+                jax.make_array_from_process_local_data(sharding, batch.mask, shape))
+
+    def _gathered_loader_state(self, loader: TFRecordLoader) -> LoaderState:
+        """Every stream's position; each process knows only those of the streams it reads."""
+        table = np.full((loader.streams, 3), -1, np.int32)
+        positions = loader.state().streams
+        for s in loader.own_streams:
+            table[s] = (positions[s].epoch, positions[s].part, positions[s].record)
+        if jax.process_count() > 1:
+            # Processes reading the same streams (a batch replicated across processes) agree; -1 loses.
+            table = multihost_utils.process_allgather(table).max(axis=0)
+        return LoaderState(tuple(StreamPosition(*map(int, row)) for row in table))
 
     def validate(self, params, eval_step) -> dict[str, float]:
         results = {}
         for name, index in self.config.run.val_set.items():
             loss_sum, count = 0.0, 0.0
-            loader = TFRecordLoader(resolve_index(index), self.config.model.seq + 1, self._local_batch_shape(1),
-                                    shuffle=False, loop=False, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
-            with loader:
-                for _, batch in zip(range(self.config.train.val_batches), loader):
+            with self._loader(index, 1, shuffle=False, loop=False) as loader:
+                for _ in range(self.config.train.val_batches):
+                    batch = next(loader, None)
+                    if any_process(batch is None):
+                        break
                     s, n = eval_step(params, *self._to_device(batch))
                     loss_sum, count = loss_sum + float(s), count + float(n)
             if count == 0:
@@ -180,7 +228,8 @@ class TrainingRun:
     def _save(self, state: TrainState, loader: TFRecordLoader, force: bool = False) -> None:
         step = int(state.step)
         self.metrics.flush()  # object stores buffer metric lines; never lose those a checkpoint covers
-        self.checkpointer.save(step, state, {"train_loader": loader.state().to_dict(), "step": step,
+        loader_state = self._gathered_loader_state(loader)
+        self.checkpointer.save(step, state, {"train_loader": loader_state.to_dict(), "step": step,
                                              "config": to_json_dict(self.config)}, force=force)
 
     def run(self) -> TrainResult:
@@ -197,14 +246,15 @@ class TrainingRun:
         log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
                  dict(self.mesh.shape), self.global_batch, cfg.gradient_accumulation_steps, flops_per_token,
                  peak, peak_source)
-        stop, last_loss, step = StopRequest(), None, start
-        bar = tqdm(total=cfg.total_steps, initial=start, desc="train", disable=not self.options.show_progress,
-                   dynamic_ncols=True)
+        stop, stopping, last_loss, step = StopRequest(), False, None, start
+        bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True,
+                   disable=not self.options.show_progress or jax.process_index() != 0)
         with self._train_loader(loader_state) as loader, stop.installed(), bar:
             tick, tick_step = time.perf_counter(), start
-            while step < cfg.total_steps and not stop:
+            while step < cfg.total_steps and not stopping:
                 state, metrics = train_step(state, *self._to_device(next(loader)))
                 step += 1
+                stopping = any_process(bool(stop))  # with several processes, one tiny collective per step
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.total_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -222,12 +272,13 @@ class TrainingRun:
                     self.metrics.log(step, val)
                     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                     tick = time.perf_counter()
-                if step % cfg.ckpt_every == 0 or step == cfg.total_steps or stop:
-                    self._save(state, loader, force=bool(stop))
+                if step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping:
+                    self._save(state, loader, force=stopping)
         self.checkpointer.wait()
-        if stop:
-            log.warning("stopped by %s at step %d; run the same command to resume", stop.signal_name, step)
-        return TrainResult(step, bool(stop), last_loss)
+        if stopping:
+            log.warning("stopped by %s at step %d; run the same command to resume",
+                        stop.signal_name or "a signal to another process", step)
+        return TrainResult(step, stopping, last_loss)
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -46,10 +46,12 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30.0) 
     raise RuntimeError(f"the GCS emulator did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
-def start_emulator(port: int) -> subprocess.Popen:
+def start_emulator(port: int, data_dir: str | None = None) -> subprocess.Popen:
+    """In memory, or with ``data_dir``: stored on disk there, so a restarted emulator keeps the objects."""
     executable = shutil.which("gcp-storage-emulator") or os.path.join(os.path.dirname(sys.executable),
                                                                       "gcp-storage-emulator")
-    process = subprocess.Popen([executable, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+    storage = [] if data_dir else ["--in-memory"]
+    process = subprocess.Popen([executable, "start", "--host=127.0.0.1", f"--port={port}", *storage], cwd=data_dir,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_port(port, process)
     return process

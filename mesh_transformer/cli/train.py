@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mesh_transformer.cli import setup_logging
+from mesh_transformer.cluster import distributed_spec, initialize_distributed
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.loop import TrainOptions, train
 
@@ -18,6 +19,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh-opt", action="store_true",
                         help="with --tune-model-path: start from a fresh optimizer state instead of the saved one")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    group = parser.add_argument_group(
+        "multi-host", "every host runs this same command; on a Cloud TPU VM the hosts are found automatically, "
+        "elsewhere give all three (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    group.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0, where the others join")
+    group.add_argument("--num-processes", type=int, default=None, help="how many processes (hosts) take part")
+    group.add_argument("--process-id", type=int, default=None, help="this process's rank, 0 .. num-processes - 1")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -27,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level.upper())
     if args.fresh_opt and not args.tune_model_path:
         print("error: --fresh-opt only applies together with --tune-model-path", file=sys.stderr)
+        return 2
+    try:
+        initialize_distributed(distributed_spec(args.coordinator_address, args.num_processes, args.process_id))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         config = load_config(args.config)

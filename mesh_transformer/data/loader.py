@@ -1,9 +1,23 @@
 """Training and validation batches from TFRecord files listed in an index file.
 
-Reading order is a deterministic function of (seed, epoch): each epoch permutes the files, and each
-file's records are permuted by (seed, epoch, file). A ``LoaderState`` (epoch, position in the epoch's
-file order, position in that file's record order) therefore pins down the exact next record, so a
-loader restored from a checkpoint yields the same batches an uninterrupted one would have.
+The data is read as ``streams`` independent streams, a number fixed by the caller and independent of
+how many processes read them (the training run uses one stream per data-parallel shard, dp * fsdp).
+Each batch takes the same number of consecutive records from every stream, and stream s fills rows
+[s * rows/streams, (s+1) * rows/streams) of every micro-batch. A process reading a contiguous block
+of streams therefore builds exactly its contiguous block of the global batch, and the global batch
+is the same whether one process reads all streams or many processes read a block each.
+
+Which records a stream reads is a deterministic function of (seed, epoch): each epoch permutes the
+files, and each file's records are permuted by (seed, epoch, file). Every file is split into
+``parts_per_file = ceil(streams / files)`` parts (record i of the file's order goes to part
+i mod parts_per_file), so there are always at least as many parts as streams; part v of the epoch
+is part v mod parts_per_file of the file at position v div parts_per_file of the epoch's file order,
+and stream s reads parts s, s + streams, s + 2*streams, ... With at least as many files as streams,
+parts are whole files and a stream reads only its own files.
+
+A ``StreamPosition`` (epoch, part, record within the part) pins down a stream's next record, so a
+loader restored from a ``LoaderState`` (one position per stream, saved in every checkpoint) yields
+the same batches an uninterrupted one would have, however the streams are spread over processes.
 """
 
 from __future__ import annotations
@@ -43,27 +57,40 @@ _SCAN_BLOCK_BYTES = 16 << 20
 _READ_BLOCK_BYTES = 256 << 10
 
 
-@dataclass
-class LoaderState:
-    """Position of the next record to read; saved in every checkpoint as JSON."""
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where one stream's next record is: its epoch, the part (see the module doc) and the record in it."""
 
     epoch: int = 0
-    file_index: int = 0
-    record_index: int = 0
+    part: int = 0
+    record: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamPosition":
+        try:
+            return cls(epoch=int(d["epoch"]), part=int(d["part"]), record=int(d["record"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid stream position {d!r}: expected integers epoch, part, record ({e})") from None
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    """The position of every stream; saved in every checkpoint as JSON. No positions: the beginning."""
+
+    streams: tuple[StreamPosition, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"streams": [asdict(p) for p in self.streams]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
-        try:
-            return cls(
-                epoch=int(d["epoch"]), file_index=int(d["file_index"]), record_index=int(d["record_index"])
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"invalid loader state {d!r}: expected integers epoch, file_index, record_index ({e})"
-            ) from None
+        if isinstance(d, dict) and "streams" in d and isinstance(d["streams"], list):
+            return cls(tuple(StreamPosition.from_dict(p) for p in d["streams"]))
+        if isinstance(d, dict) and {"epoch", "file_index", "record_index"} <= d.keys():
+            # Checkpoints written before streams existed: one process read every file as one stream.
+            return cls((StreamPosition.from_dict(
+                {"epoch": d["epoch"], "part": d["file_index"], "record": d["record_index"]}),))
+        raise ValueError(f"invalid loader state {d!r}: expected {{'streams': [{{epoch, part, record}}, ...]}}")
 
 
 @dataclass
@@ -111,7 +138,7 @@ def _rng(*entropy: int) -> np.random.Generator:
 class _Record:
     tokens: np.ndarray  # int32 (seq_len_plus_one,)
     mask: np.ndarray  # float32 (seq_len_plus_one,)
-    state_after: LoaderState
+    position_after: StreamPosition
 
 
 class _Finished:
@@ -128,8 +155,9 @@ class _Failed:
 class TFRecordLoader:
     """Batches of fixed-length token sequences, prefetched by a background thread.
 
-    ``batch_shape`` is this process's shape; with several processes, process p reads the files at
-    positions pos % process_count == p of each epoch's file order.
+    ``batch_shape`` is this loader's shape; its last axis holds rows and is split evenly between the
+    streams in ``stream_range`` (default: all ``streams``), in order; leading axes (micro-batches)
+    are filled one after the other. See the module doc for which records each stream reads.
     """
 
     def __init__(
@@ -140,8 +168,8 @@ class TFRecordLoader:
         seed: int = 0,
         shuffle: bool = True,
         loop: bool = True,
-        process_index: int = 0,
-        process_count: int = 1,
+        streams: int = 1,
+        stream_range: tuple[int, int] | None = None,
         prefetch: int = 4,
         state: LoaderState | None = None,
     ):
@@ -152,18 +180,28 @@ class TFRecordLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.loop = loop
-        self.process_index = process_index
-        self.process_count = process_count
+        self.streams = streams
+        self.stream_range = tuple(stream_range) if stream_range is not None else (0, streams)
         self._validate(prefetch)
-        self._start = LoaderState(**state.to_dict()) if state is not None else LoaderState()
-        self._validate_state(self._start)
-        self._state = self._start
+        self.parts_per_file = math.ceil(streams / len(self.files))
+        # The producer thread reads only _start; _positions follows the batches handed out.
+        self._start = self._initial_positions(state or LoaderState())
+        self._positions = dict(self._start)
         self._offsets: dict[int, np.ndarray] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._done = False
         self._thread = threading.Thread(target=self._produce, name="tfrecord-prefetch", daemon=True)
         self._thread.start()
+
+    @property
+    def own_streams(self) -> range:
+        """The streams this loader reads."""
+        return range(*self.stream_range)
+
+    @property
+    def _parts_per_epoch(self) -> int:
+        return len(self.files) * self.parts_per_file
 
     # -- configuration checks ------------------------------------------------------------------
 
@@ -176,29 +214,41 @@ class TFRecordLoader:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        if not 0 <= self.process_index < self.process_count:
+        if self.streams < 1:
+            raise ValueError(f"streams must be at least 1, got {self.streams}")
+        first, stop = self.stream_range
+        if not 0 <= first < stop <= self.streams:
+            raise ValueError(f"stream_range {self.stream_range} is not a non-empty range within [0, {self.streams})")
+        if self.batch_shape[-1] % (stop - first):
             raise ValueError(
-                f"process_index {self.process_index} is outside [0, process_count={self.process_count})"
-            )
-        if len(self.files) < self.process_count:
-            raise ValueError(
-                f"index {self.index_url!r} lists {len(self.files)} tfrecord files but there are "
-                f"{self.process_count} processes; each process reads whole files, so split the data "
-                f"into at least {self.process_count} files"
+                f"the last axis of batch_shape {self.batch_shape} must split evenly between the "
+                f"{stop - first} streams this loader reads"
             )
 
-    def _validate_state(self, state: LoaderState) -> None:
-        if min(state.epoch, state.file_index, state.record_index) < 0:
-            raise ValueError(f"invalid loader state {state}: fields must be non-negative")
-        if state.file_index >= len(self.files):
-            raise ValueError(
-                f"loader state {state} points past the {len(self.files)} files of {self.index_url!r}; "
-                f"was the index changed since the checkpoint?"
+    def _initial_positions(self, state: LoaderState) -> dict[int, StreamPosition]:
+        if not state.streams:
+            return {s: StreamPosition(part=s) for s in range(self.streams)}
+        if len(state.streams) != self.streams:
+            # Positions of a different stream count cannot be mapped onto these streams.
+            epoch = max(p.epoch for p in state.streams) + 1
+            logger.warning(
+                "the saved loader state has %d streams but this run reads %d (did dp * fsdp change?): "
+                "every stream starts at epoch %d, so the rest of the interrupted epoch is skipped",
+                len(state.streams), self.streams, epoch,
             )
-        if state.record_index > 0 and state.file_index % self.process_count != self.process_index:
+            return {s: StreamPosition(epoch=epoch, part=s) for s in range(self.streams)}
+        for stream, position in enumerate(state.streams):
+            self._validate_position(stream, position)
+        return dict(enumerate(state.streams))
+
+    def _validate_position(self, stream: int, position: StreamPosition) -> None:
+        if min(position.epoch, position.part, position.record) < 0:
+            raise ValueError(f"invalid position {position} of stream {stream}: fields must be non-negative")
+        if position.part >= self._parts_per_epoch or position.part % self.streams != stream:
             raise ValueError(
-                f"loader state {state} is inside a file read by another process (process_index "
-                f"{self.process_index} of {self.process_count}); restore each process's own state"
+                f"position {position} of stream {stream} is not one of that stream's parts (the "
+                f"{len(self.files)} files of {self.index_url!r} make {self._parts_per_epoch} parts for "
+                f"{self.streams} streams); was the index changed since the checkpoint?"
             )
 
     # -- reading order -------------------------------------------------------------------------
@@ -213,13 +263,13 @@ class TFRecordLoader:
             return np.arange(n_records)
         return _rng(self.seed, epoch, _RECORD_ORDER_STREAM, file_id).permutation(n_records)
 
-    def _state_after(self, epoch: int, position: int, record_index: int, n_records: int) -> LoaderState:
-        # Positions at a file's end are normalised to the start of what comes next.
-        if record_index < n_records:
-            return LoaderState(epoch, position, record_index)
-        if position + 1 < len(self.files):
-            return LoaderState(epoch, position + 1, 0)
-        return LoaderState(epoch + 1, 0, 0)
+    def _position_after(self, epoch: int, part: int, record: int, n_records: int) -> StreamPosition:
+        # Positions at a part's end are normalised to the start of what the stream reads next.
+        if record < n_records:
+            return StreamPosition(epoch, part, record)
+        if part + self.streams < self._parts_per_epoch:
+            return StreamPosition(epoch, part + self.streams, 0)
+        return StreamPosition(epoch + 1, part % self.streams, 0)
 
     # -- record access -------------------------------------------------------------------------
 
@@ -267,60 +317,73 @@ class TFRecordLoader:
             )
         return int(length[0])
 
-    def _file_records(self, epoch: int, position: int, file_id: int, start: int) -> Iterator[_Record]:
+    def _part_records(self, epoch: int, part: int, start: int) -> Iterator[_Record]:
+        file_id = int(self._file_order(epoch)[part // self.parts_per_file])
         offsets = self._record_offsets(file_id)
-        if start > len(offsets):
+        order = self._record_order(epoch, file_id, len(offsets))[part % self.parts_per_file :: self.parts_per_file]
+        if start > len(order):
             raise ValueError(
-                f"loader state record_index {start} is past the {len(offsets)} records of "
-                f"{self.files[file_id]!r}; was the file changed since the checkpoint?"
+                f"loader position record {start} is past the {len(order)} records of part {part} "
+                f"({self.files[file_id]!r}); was the file changed since the checkpoint?"
             )
-        order = self._record_order(epoch, file_id, len(offsets))
+        if start == len(order):
+            return
         with self._open(file_id, _READ_BLOCK_BYTES) as f:
-            for index in range(start, len(offsets)):
+            for index in range(start, len(order)):
                 offset = int(offsets[order[index]])
                 tokens, mask = self._parse(read_record_at(f, offset, self.files[file_id]), file_id, offset)
-                yield _Record(tokens, mask, self._state_after(epoch, position, index + 1, len(offsets)))
+                yield _Record(tokens, mask, self._position_after(epoch, part, index + 1, len(order)))
 
-    def _records(self) -> Iterator[_Record]:
-        epoch, first_position, start = self._start.epoch, self._start.file_index, self._start.record_index
+    def _stream_records(self, stream: int) -> Iterator[_Record]:
+        start = self._start[stream]
+        epoch, first_part, record = start.epoch, start.part, start.record
         while True:
-            file_order = self._file_order(epoch)
             read_any = False
-            for position in range(first_position, len(self.files)):
-                if position % self.process_count != self.process_index:
-                    continue
-                for record in self._file_records(epoch, position, int(file_order[position]), start):
+            for part in range(first_part, self._parts_per_epoch, self.streams):
+                for item in self._part_records(epoch, part, record):
                     read_any = True
-                    yield record
-                start = 0
+                    yield item
+                record = 0
             if not self.loop:
                 return
-            if not read_any and first_position == 0:
+            if not read_any and first_part == stream:
                 raise ValueError(
-                    f"the files of {self.index_url!r} read by process {self.process_index} of "
-                    f"{self.process_count} hold no records"
+                    f"stream {stream} of {self.streams} found no records in epoch {epoch} of "
+                    f"{self.index_url!r}; the data is too small to split into {self.streams} streams"
                 )
-            epoch, first_position, start = epoch + 1, 0, 0
+            epoch, first_part, record = epoch + 1, stream, 0
 
     # -- batching and prefetch -----------------------------------------------------------------
 
-    def _batches(self) -> Iterator[tuple[Batch, LoaderState]]:
-        batch_size = math.prod(self.batch_shape)
+    def _batches(self) -> Iterator[tuple[Batch, dict[int, StreamPosition]]]:
         shape = (*self.batch_shape, self.seq_len_plus_one)
-        tokens: list[np.ndarray] = []
-        mask: list[np.ndarray] = []
-        for record in self._records():
-            if self._stop.is_set():
-                return
-            tokens.append(record.tokens)
-            mask.append(record.mask)
-            if len(tokens) == batch_size:
-                yield Batch(np.stack(tokens).reshape(shape), np.stack(mask).reshape(shape)), record.state_after
-                tokens, mask = [], []
-        if tokens:
+        chunks = math.prod(self.batch_shape[:-1])
+        per_stream = self.batch_shape[-1] // len(self.own_streams)
+        sources = {s: self._stream_records(s) for s in self.own_streams}
+        positions = {s: self._start[s] for s in self.own_streams}
+        while True:
+            tokens = np.empty((chunks, self.batch_shape[-1], self.seq_len_plus_one), np.int32)
+            mask = np.empty(tokens.shape, np.float32)
+            filled = 0
+            for chunk in range(chunks):
+                for j, stream in enumerate(self.own_streams):
+                    for row in range(j * per_stream, (j + 1) * per_stream):
+                        if self._stop.is_set():
+                            return
+                        record = next(sources[stream], None)
+                        if record is None:
+                            self._warn_partial(filled)
+                            return
+                        tokens[chunk, row], mask[chunk, row] = record.tokens, record.mask
+                        positions[stream] = record.position_after
+                        filled += 1
+            yield Batch(tokens.reshape(shape), mask.reshape(shape)), dict(positions)
+
+    def _warn_partial(self, filled: int) -> None:
+        if filled:
             logger.warning(
                 "dropping the final partial batch of %d records from %s (a batch needs %d)",
-                len(tokens), self.index_url, batch_size,
+                filled, self.index_url, math.prod(self.batch_shape),
             )
 
     def _put(self, item: object) -> bool:
@@ -359,12 +422,16 @@ class TFRecordLoader:
         if isinstance(item, _Failed):
             self._done = True
             raise item.error
-        batch, self._state = item
+        batch, positions = item
+        self._positions.update(positions)
         return batch
 
     def state(self) -> LoaderState:
-        """Position after the last batch returned by ``__next__`` (prefetched batches excluded)."""
-        return LoaderState(**self._state.to_dict())
+        """Positions after the last batch returned by ``__next__`` (prefetched batches excluded).
+
+        Streams this loader does not read keep the positions it was created with.
+        """
+        return LoaderState(tuple(self._positions[s] for s in range(self.streams)))
 
     def close(self) -> None:
         self._stop.set()

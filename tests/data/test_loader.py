@@ -1,4 +1,4 @@
-"""TFRecordLoader: order, shuffling, exact resume, multi-host sharding, validation and prefetch."""
+"""TFRecordLoader: order, shuffling, exact resume, streams split over processes, validation and prefetch."""
 
 import logging
 import os
@@ -10,6 +10,7 @@ import pytest
 from mesh_transformer import storage
 from mesh_transformer.data.loader import (
     LoaderState,
+    StreamPosition,
     TFRecordLoader,
     read_index,
     resolve_index,
@@ -77,7 +78,7 @@ def test_shuffle_is_a_deterministic_permutation_per_seed_and_epoch(dataset):
     assert sorted(first) == ALL_RECORDS
     assert read_epoch(dataset, seed=1) == first
     assert read_epoch(dataset, seed=2) != first
-    next_epoch = read_epoch(dataset, seed=1, state=LoaderState(epoch=1))
+    next_epoch = read_epoch(dataset, seed=1, state=LoaderState((StreamPosition(epoch=1),)))
     assert sorted(next_epoch) == ALL_RECORDS and next_epoch != first
 
 
@@ -118,48 +119,112 @@ def test_restored_state_continues_exactly(dataset, shuffle, consumed):
 def test_state_at_an_epoch_boundary(dataset):
     with TFRecordLoader(dataset, L, (5,), seed=0) as loader:
         take(loader, 4)
-        assert loader.state() == LoaderState(epoch=1, file_index=0, record_index=0)
+        assert loader.state() == LoaderState((StreamPosition(epoch=1, part=0, record=0),))
 
 
 def test_state_counts_returned_batches_not_prefetched_ones(dataset):
     with TFRecordLoader(dataset, L, (1,), shuffle=False, prefetch=8) as loader:
-        assert loader.state() == LoaderState()
+        assert loader.state() == LoaderState((StreamPosition(),))
         take(loader, 2)
-        assert loader.state() == LoaderState(epoch=0, file_index=0, record_index=2)
+        assert loader.state() == LoaderState((StreamPosition(epoch=0, part=0, record=2),))
 
 
 def test_loader_state_from_dict_rejects_garbage():
     with pytest.raises(ValueError, match="invalid loader state"):
         LoaderState.from_dict({"epoch": 1})
+    with pytest.raises(ValueError, match="invalid stream position"):
+        LoaderState.from_dict({"streams": [{"epoch": 1}]})
+
+
+def test_loader_state_round_trips_and_reads_the_single_stream_format():
+    state = LoaderState((StreamPosition(1, 2, 3), StreamPosition(0, 1, 0)))
+    assert LoaderState.from_dict(state.to_dict()) == state
+    legacy = {"epoch": 2, "file_index": 1, "record_index": 4}
+    assert LoaderState.from_dict(legacy) == LoaderState((StreamPosition(2, 1, 4),))
 
 
 def test_state_pointing_past_a_file_is_rejected(dataset):
-    with TFRecordLoader(dataset, L, (1,), shuffle=False, state=LoaderState(0, 1, 9)) as loader:
+    with TFRecordLoader(dataset, L, (1,), shuffle=False, state=LoaderState((StreamPosition(0, 1, 9),))) as loader:
         with pytest.raises(ValueError, match="past the 3 records"):
             next(loader)
 
 
-@pytest.mark.parametrize("process_count", [2, 3, 5])
-def test_processes_share_an_epoch_without_overlap(dataset, process_count):
-    per_process = [
-        read_epoch(dataset, seed=9, process_index=p, process_count=process_count) for p in range(process_count)
-    ]
+@pytest.mark.parametrize("streams", [2, 3, 5, 7, 12])  # 7 and 12 streams split the 5 files into parts
+def test_streams_share_an_epoch_without_overlap(dataset, streams):
+    per_stream = [read_epoch(dataset, seed=9, streams=streams, stream_range=(s, s + 1)) for s in range(streams)]
     # Equality with the sorted list of all records also rules out a record read twice.
-    assert sorted(r for records in per_process for r in records) == ALL_RECORDS
-    assert all(per_process)
+    assert sorted(r for records in per_stream for r in records) == ALL_RECORDS
 
 
-def test_more_processes_than_files_is_an_error(dataset):
-    with pytest.raises(ValueError, match="5 tfrecord files but there are 6 processes"):
-        TFRecordLoader(dataset, L, (1,), process_index=0, process_count=6)
+def test_with_at_least_as_many_files_as_streams_each_stream_reads_whole_files(dataset):
+    files = [{f for f, _ in read_epoch(dataset, seed=9, streams=2, stream_range=(s, s + 1))} for s in range(2)]
+    assert not files[0] & files[1]
 
 
-def test_restore_per_process_state(dataset):
-    with TFRecordLoader(dataset, L, (2,), seed=4, process_index=1, process_count=2) as loader:
+def read_rows(index, streams, stream_range, rows, n_batches, state=None):
+    with TFRecordLoader(index, L, (2, rows), seed=6, streams=streams, stream_range=stream_range,
+                        state=state) as loader:
+        return [b.tokens for b in take(loader, n_batches)], loader.state()
+
+
+@pytest.mark.parametrize("streams", [2, 4])
+def test_the_global_batch_does_not_depend_on_how_streams_are_split(dataset, streams):
+    whole, _ = read_rows(dataset, streams, None, 8, 6)
+    per_process = [read_rows(dataset, streams, (p * streams // 2, (p + 1) * streams // 2), 4, 6)[0]
+                   for p in range(2)]
+    for step, batch in enumerate(whole):
+        # Process p holds rows [p * 4, (p + 1) * 4) of every micro-batch.
+        np.testing.assert_array_equal(batch, np.concatenate([per_process[0][step], per_process[1][step]], axis=1))
+
+
+def test_stream_rows_are_contiguous_blocks(dataset):
+    (batch,), _ = read_rows(dataset, 2, None, 4, 1)
+    for stream in range(2):
+        alone, _ = read_rows(dataset, 2, (stream, stream + 1), 2, 1)
+        np.testing.assert_array_equal(batch[:, 2 * stream : 2 * stream + 2], alone[0])
+
+
+def test_a_state_saved_by_two_processes_restores_in_one(dataset):
+    states = [read_rows(dataset, 2, (p, p + 1), 2, 3)[1] for p in range(2)]
+    # What the training run gathers before saving: each process's own stream positions.
+    merged = LoaderState((states[0].streams[0], states[1].streams[1]))
+    expected, _ = read_rows(dataset, 2, None, 4, 7)
+    resumed, _ = read_rows(dataset, 2, None, 4, 4, state=merged)
+    for a, e in zip(resumed, expected[3:], strict=True):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_a_changed_stream_count_starts_the_next_epoch_with_a_warning(dataset, caplog):
+    _, state = read_rows(dataset, 2, None, 4, 1)  # still in epoch 0
+    with caplog.at_level(logging.WARNING):
+        with TFRecordLoader(dataset, L, (4,), streams=4, state=state) as loader:
+            assert all(p.epoch == 1 for p in loader.state().streams)
+    assert "has 2 streams but this run reads 4" in caplog.text
+
+
+def test_a_position_outside_its_stream_is_rejected(dataset):
+    state = LoaderState((StreamPosition(0, 1, 0), StreamPosition(0, 1, 0)))
+    with pytest.raises(ValueError, match="not one of that stream's parts"):
+        TFRecordLoader(dataset, L, (2,), streams=2, state=state)
+
+
+def test_rows_must_split_evenly_between_streams(dataset):
+    with pytest.raises(ValueError, match="split evenly between the 2 streams"):
+        TFRecordLoader(dataset, L, (3,), streams=2)
+
+
+def test_a_stream_without_records_is_an_error_when_looping(tmp_path):
+    index = make_dataset(tmp_path, [1])
+    with TFRecordLoader(index, L, (2,), streams=2) as loader, pytest.raises(ValueError, match="stream 1 of 2"):
+        next(loader)
+
+
+def test_restore_a_state_with_a_subset_of_streams(dataset):
+    with TFRecordLoader(dataset, L, (2,), seed=4, streams=2, stream_range=(1, 2)) as loader:
         take(loader, 3)
         state = loader.state()
         expected = take(loader, 4)
-    with TFRecordLoader(dataset, L, (2,), seed=4, process_index=1, process_count=2, state=state) as loader:
+    with TFRecordLoader(dataset, L, (2,), seed=4, streams=2, stream_range=(1, 2), state=state) as loader:
         assert [ids(b) for b in take(loader, 4)] == [ids(b) for b in expected]
 
 
