@@ -77,3 +77,32 @@ def test_training_from_and_to_a_bucket_resumes(tmp_path, gcs_bucket):
     assert [r["step"] for r in records if "val/loss_corpus" in r] == [2, 4, 6]
     with Checkpointer(f"{gcs_bucket}/run") as checkpoints:
         assert checkpoints.steps()[-1] == 6
+
+
+def test_export_to_hugging_face_format_into_a_bucket(tmp_path, gcs_bucket):
+    from transformers import GPTJForCausalLM
+
+    from mesh_transformer.config import parse_config
+    from mesh_transformer.hf import export_to_hf
+    from mesh_transformer.model import Transformer
+    from mesh_transformer.sharding import make_mesh
+    from mesh_transformer.train import Trainer
+
+    config = parse_config(dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=16, pe_rotary_dims=4, lr=1e-3,
+                               tokenizer="bytes", model_dir=f"{gcs_bucket}/run"))
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:1]))
+    state = trainer.init_state(seed=0)
+    with Checkpointer(f"{gcs_bucket}/run") as checkpoints:
+        checkpoints.save(0, state, {})
+    export_to_hf(f"{gcs_bucket}/run", config, f"{gcs_bucket}/hf", dtype="fp32", show_progress=False)
+
+    local = tmp_path / "hf"
+    fsspec.filesystem("gs").get(f"{gcs_bucket.removeprefix('gs://')}/hf", str(local), recursive=True)
+    model = GPTJForCausalLM.from_pretrained(local).eval()
+    tokens = np.random.RandomState(0).randint(0, 64, (2, 16))
+    import torch
+
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens)).logits.numpy()
+    ours = np.asarray(Transformer(config.model).apply({"params": state.params}, tokens))
+    assert np.abs(theirs - ours).max() <= 1e-4

@@ -1,0 +1,66 @@
+"""``to_hf_weights.py``: export a checkpoint as a Hugging Face model directory (GPT-J, GPT-Neo or GPT-NeoX).
+
+The architecture follows from the config (``pe: fixed`` is GPT-Neo, ``rotary_style: neox`` GPT-NeoX,
+otherwise GPT-J). The output loads with ``AutoModelForCausalLM.from_pretrained(OUTPUT_PATH)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from mesh_transformer.cli import setup_logging
+from mesh_transformer.config import ConfigError, load_config
+from mesh_transformer.hf import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, ConversionError, export_to_hf
+
+log = logging.getLogger(__name__)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``"2GB"``, ``"500MB"``, ``"1GiB"`` or a plain number (decimal units, as Hugging Face uses)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use e.g. 2GB, 500MB or 1GiB")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "").upper()])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-ckpt", required=True,
+                        help="a step_N checkpoint directory or a run directory (its newest step); a "
+                             "mesh-transformer-jax v1 checkpoint also works")
+    parser.add_argument("--config", required=True, help="the JSON config the checkpoint was trained with")
+    parser.add_argument("--output-path", required=True, help="output directory (local path or URL)")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(OUTPUT_DTYPES),
+                        help="dtype of the written weights (default fp16, as the original exporter)")
+    parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
+                        help="largest safetensors file before starting another (default 2GB)")
+    parser.add_argument("--cpu", action="store_true", help="accepted for compatibility; export always runs on the host")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level.upper())
+    if args.cpu:
+        log.info("--cpu has no effect: the export reads one tensor at a time on the host")
+    try:
+        config = load_config(args.config)
+        summary = export_to_hf(args.input_ckpt, config, args.output_path, dtype=args.dtype,
+                               max_shard_bytes=args.max_shard_size, show_progress=not args.no_progress)
+    except (ConfigError, ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary.architecture} ({summary.tensors} tensors, {summary.dtype}, "
+          f"{len(summary.files)} file(s)) to {summary.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
