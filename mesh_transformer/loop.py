@@ -166,7 +166,9 @@ class TrainingRun:
             log.info("resuming from %s step %d", self.run_dir, latest)
             state, meta = self.checkpointer.restore(self.trainer.abstract_state(), latest)
             self.metrics.truncate_after(latest)
-            return state, LoaderState.from_dict(meta["train_loader"])
+            # Checkpoints written by conversions (HF import, legacy) carry no data position: start fresh.
+            saved_position = meta.get("train_loader")
+            return state, LoaderState.from_dict(saved_position) if saved_position else None
         if self.options.tune_model_path:
             return self._fine_tune_start(), None
         log.info("starting a new run in %s", self.run_dir)

@@ -198,3 +198,16 @@ def test_bad_config_exits_with_a_clear_message(tmp_path, data_dir):
                             text=True, timeout=300)
     assert result.returncode == 2
     assert "d_model (32) must be divisible by n_heads (3)" in result.stderr
+
+
+def test_a_converted_checkpoint_without_data_position_trains_from_the_start(tmp_path, data_dir):
+    from mesh_transformer.loop import TrainOptions, train
+
+    config = load_config(str(write_config(tmp_path / "config.json", tmp_path / "run", data_dir, total_steps=2,
+                                          mesh={"dp": 8, "fsdp": 1, "mp": 1})))
+    trainer = Trainer(config, make_mesh(config))
+    with Checkpointer(str(tmp_path / "run")) as checkpoints:  # as HF import and legacy conversion write it
+        checkpoints.save(0, trainer.init_state(seed=0), {})
+    result = train(config, TrainOptions(show_progress=False))
+    assert result.step == 2 and not result.interrupted
+    assert sorted(train_losses(tmp_path / "run")) == [1, 2]
