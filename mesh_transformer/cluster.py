@@ -225,7 +225,7 @@ class HostActor:
         from mesh_transformer.loop import train
 
         result = train(parse_config(raw_config, source=source), options)
-        return {"step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss}
+        return {"start_step": result.start_step, "step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss}
 
 
 class HostGroup:
@@ -287,6 +287,7 @@ class HostGroup:
                 return self._actor_died(refs.index(done[0]), e)
             except ray.exceptions.RayTaskError as e:
                 return AttemptResult(Outcome.FAILED, f"host {refs.index(done[0])} raised {e.cause!r}")
+        log.info("attempt ran from step %d to step %d", results[0]["start_step"], results[0]["step"])
         if any(r["interrupted"] for r in results):
             return AttemptResult(Outcome.PREEMPTED, f"the run stopped on a signal at step {results[0]['step']}")
         return AttemptResult(Outcome.FINISHED, f"step {results[0]['step']}")

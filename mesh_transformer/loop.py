@@ -48,6 +48,7 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class TrainResult:
+    start_step: int  # the step this run began at: 0, or the checkpoint it resumed from
     step: int
     interrupted: bool
     last_loss: float | None
@@ -240,7 +241,7 @@ class TrainingRun:
         start = int(state.step)
         if start >= cfg.total_steps:
             log.info("already at step %d of %d: nothing to do", start, cfg.total_steps)
-            return TrainResult(start, False, None)
+            return TrainResult(start, start, False, None)
         train_step, eval_step = self.trainer.jit_train_step(), self.trainer.jit_eval_step()
         flops_per_token = model_flops_per_token(non_embedding_params(state.params), self.config.model.layers,
                                                 self.config.model.d_model, self.config.model.seq)
@@ -280,7 +281,7 @@ class TrainingRun:
         if stopping:
             log.warning("stopped by %s at step %d; run the same command to resume",
                         stop.signal_name or "a signal to another process", step)
-        return TrainResult(step, stopping, last_loss)
+        return TrainResult(start, step, stopping, last_loss)
 
     def close(self) -> None:
         self.checkpointer.close()

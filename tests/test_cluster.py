@@ -175,7 +175,9 @@ def test_a_killed_host_actor_is_recovered_from_the_last_checkpoint(tmp_path, dat
     output = log_file.read_text()
     assert "failure 1 (3 allowed)" in output and f"host actor 1 (pid {pids[1]}" in output
     assert "finished after 2 attempt(s): 1 failure(s), 0 preemption(s)" in output
-    assert "resuming from" in output
+    # The host actors' own logs reach the driver asynchronously; the driver's summary line does not.
+    resumed_from = int(re.search(r"attempt ran from step (\d+) to step 12", output).group(1))
+    assert resumed_from >= 3 and resumed_from % 3 == 0
 
     reference = tmp_path / "reference"
     reference.mkdir()
