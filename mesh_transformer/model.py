@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import flax.struct
 
 from mesh_transformer.config import ModelConfig
 from mesh_transformer.sharding import constrain
@@ -45,9 +46,51 @@ def _zeros(names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` for y (tokens, features), whose bias gradient is a matrix-vector product.
+
+    Autodiff would sum the gradient over the tokens axis with a reduction, which XLA:CPU runs far
+    slower than a matmul: for the lm_head (4096 tokens x 50400 vocab) it took about as long as one of
+    the lm_head matmuls (bench/RESULTS.md).
+    """
+    return y + bias
+
+
+def _add_bias_fwd(y: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    return g, jnp.dot(ones, g, preferred_element_type=jnp.float32).astype(g.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` (same parameters) applied to the inputs flattened to (tokens, features).
+
+    With 2-D operands XLA:CPU computes the weight gradient without first transposing the (often
+    large) output gradient; for the lm_head that copy alone moved 800 MB per step.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        flat, kernel, bias = self.promote_dtype(inputs.reshape(-1, inputs.shape[-1]), kernel, bias,
+                                                dtype=self.dtype)
+        y = jnp.dot(flat, kernel, precision=self.precision)
+        if bias is not None:
+            y = add_bias(y, bias)
+        return y.reshape(*inputs.shape[:-1], self.features)
+
+
 def _dense(cfg: ModelConfig, features: int, names: tuple[str, str], name: str, use_bias: bool,
            stddev: float = INIT_STDDEV) -> nn.Dense:
-    return nn.Dense(
+    return Dense(
         features,
         use_bias=use_bias,
         dtype=dtype_of(cfg.compute_dtype),
@@ -115,11 +158,67 @@ def layer_windows(cfg: ModelConfig) -> jax.Array:
     return jnp.asarray([cfg.window_size if k == "local" else GLOBAL_WINDOW for k in kinds], jnp.int32)
 
 
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's attention keys and values, (batch, heads, length, head_dim); index = token position.
+
+    Heads before positions: attending reads each head's keys contiguously, 2.4x faster on CPU at
+    batch 8 than (batch, length, heads, head_dim).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "LayerCache":
+        """Store k, v (batch, new, heads, head_dim) at their positions; positions past the end are dropped."""
+        rows = jnp.arange(k.shape[0])[:, None]
+        return LayerCache(self.keys.at[rows, :, positions].set(k.astype(self.keys.dtype), mode="drop"),
+                          self.values.at[rows, :, positions].set(v.astype(self.values.dtype), mode="drop"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[LayerCache, ...]:
+    """An empty KV cache: one array pair per layer, so a decode step updates each in place (a single
+    stacked array was about 2x slower on CPU: XLA copied all of it at every step)."""
+    shape = (batch, cfg.n_heads, length, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, dtype_of(cfg.compute_dtype))  # noqa: E731
+    return tuple(LayerCache(zeros(), zeros()) for _ in range(cfg.layers))
+
+
+def unstack_layers(params) -> dict:
+    """The parameters with ``blocks`` split into a tuple of per-layer trees, the layout decoding reads.
+
+    A decode step is bound by reading the weights; slicing them out of the stacked arrays at every
+    step cost 10-25% on CPU.
+    """
+    blocks = params[STACKED_LAYERS]
+    layers = jax.tree.leaves(blocks)[0].shape[0]
+    return dict(params, **{STACKED_LAYERS: tuple(jax.tree.map(lambda p, i=i: p[i], blocks) for i in range(layers))})
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None,
+           kv_layout: str = "bkhd") -> jax.Array:
+    """Softmax attention of q over k, v (batch, length, heads, head_dim); ``mask`` broadcasts to
+    (batch, heads, q_length, k_length). Scores and softmax in float32, scale 1/sqrt(head_dim) if None.
+    ``kv_layout="bhkd"`` takes k, v as (batch, heads, length, head_dim), the KV cache's layout.
+
+    The same math as ``jax.nn.dot_product_attention``, written out because that function's forward
+    + backward ran about 1.5x slower on XLA:CPU (bench/RESULTS.md).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum(f"bhqk,{kv_layout}->bqhd", probs, v)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """With a cache, x holds new tokens only: their keys and values are written to the cache at
+        ``positions`` and the queries attend over the whole cache (earlier positions only)."""
         cfg = self.cfg
         inner = cfg.n_heads * cfg.head_dim
         batch, length, _ = x.shape
@@ -135,14 +234,18 @@ class Attention(nn.Module):
             q = apply_rotary(q, sin, cos, cfg.rotary_style)
             k = apply_rotary(k, sin, cos, cfg.rotary_style)
         scale = None if cfg.scale_attention else 1.0
-        if cfg.has_local_attention:
-            mask = attention_mask(positions, positions, window)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+        if cache is not None:
+            cache = cache.write(k, v, positions)
+            cached = cache.keys.shape[2]
+            mask = attention_mask(positions, jnp.broadcast_to(jnp.arange(cached), (batch, cached)), window)
+            out = attend(q, cache.keys.astype(q.dtype), cache.values.astype(q.dtype), mask, scale, kv_layout="bhkd")
+        elif cfg.has_local_attention:
+            out = attend(q, k, v, attention_mask(positions, positions, window), scale)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            out = attend(q, k, v, jnp.tril(jnp.ones((length, length), bool)), scale)
         out = constrain(out.reshape(batch, length, inner), ("batch", "length", "act_heads"))
         return _dense(cfg, cfg.d_model, ("heads", "embed"), "out_proj", use_bias=cfg.out_bias,
-                      stddev=_residual_stddev(cfg))(out)
+                      stddev=_residual_stddev(cfg))(out), cache
 
 
 ACTIVATIONS = {
@@ -173,17 +276,19 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
         cfg = self.cfg
         attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
         mlp_norm = _layer_norm(cfg, "ln_2") if cfg.separate_mlp_norm else None
         h = _layer_norm(cfg, "ln_1")(x)
+        attended, cache = attn(h, positions, window, cache)
         if cfg.residual == "sequential":
-            x = x + attn(h, positions, window)
+            x = x + attended
             x = x + mlp(mlp_norm(x))
         else:
-            x = x + attn(h, positions, window) + mlp(mlp_norm(x) if mlp_norm else h)
-        return constrain(x, ("batch", "length", "act_embed")), None
+            x = x + attended + mlp(mlp_norm(x) if mlp_norm else h)
+        return constrain(x, ("batch", "length", "act_embed")), cache
 
 
 def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
@@ -202,12 +307,18 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
 
 
 class Transformer(nn.Module):
-    """Tokens (batch, length) -> logits (batch, length, n_vocab) in float32."""
+    """Tokens (batch, length) -> logits (batch, length, n_vocab) in float32.
+
+    With ``cache`` (from ``init_cache``) the call is a prefill or decode step: ``tokens`` are the new
+    tokens at ``positions``, and the result is ``(logits, updated cache)``. The layers then run one by
+    one (weights from ``unstack_layers``, or sliced from the stacked ones) on the same Block code.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: tuple[LayerCache, ...] | None = None):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -216,13 +327,29 @@ class Transformer(nn.Module):
         if cfg.pe == "fixed":
             x = x + _embedding(cfg, cfg.seq, ("positions", "embed"), "wpe")(positions)
         x = constrain(x, ("batch", "length", "act_embed"))
-        x, _ = _layer_stack(cfg)(cfg, name=STACKED_LAYERS)(x, positions, layer_windows(cfg))
+        if cache is None:
+            x, _ = _layer_stack(cfg)(cfg, name=STACKED_LAYERS)(x, positions, layer_windows(cfg))
+        else:
+            x, new_cache = self._cached_layers(x, positions, cache)
         x = _layer_norm(cfg, "ln_f")(x)
         if cfg.tie_embeddings:
             logits = wte.attend(x)
         else:
             logits = _dense(cfg, cfg.n_vocab, ("embed", "vocab"), "lm_head", use_bias=cfg.lm_head_bias)(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+    def _cached_layers(self, x: jax.Array, positions: jax.Array, cache: tuple[LayerCache, ...]):
+        """The layers unrolled, each with its own cache arrays (so XLA updates them in place)."""
+        blocks = self.variables["params"][STACKED_LAYERS]
+        windows = layer_windows(self.cfg)
+        new_cache = []
+        for i, layer_cache in enumerate(cache):
+            layer_params = blocks[i] if isinstance(blocks, tuple) else jax.tree.map(lambda p: p[i], blocks)
+            x, layer_cache = Block(self.cfg, parent=None).apply(
+                {"params": layer_params}, x, positions, windows[i], layer_cache)
+            new_cache.append(layer_cache)
+        return x, tuple(new_cache)
 
 
 def _embedding(cfg: ModelConfig, rows: int, names: tuple[str, str], name: str) -> nn.Embed:

@@ -24,7 +24,7 @@ from mesh_transformer import hf
 from mesh_transformer.checkpoint import Checkpointer
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config, parse_config
 from mesh_transformer.model import Transformer
-from mesh_transformer.sampling import generate
+from mesh_transformer.sampling import Generator, SamplingParams
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import load_tokenizer
 from mesh_transformer.train import Trainer
@@ -157,8 +157,8 @@ def test_export_gptj_logits_and_greedy_match_transformers(tmp_path, shape):
     assert diff <= LOGIT_TOLERANCE, diff
 
     prompt = [int(t) for t in tokens[0, :8]]
-    real_vocab = load_tokenizer(config.run.tokenizer).vocab_size
-    ours = generate(Transformer(config.model), params, prompt, 32, real_vocab=real_vocab)
+    generator = Generator(config.model, params, load_tokenizer(config.run.tokenizer))
+    ours = generator.generate([prompt], SamplingParams(max_new_tokens=32, temperature=0.0, stop_at_eos=False))[0].tokens
     theirs = model.generate(torch.as_tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
     assert ours == theirs

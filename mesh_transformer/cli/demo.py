@@ -16,15 +16,10 @@ from pathlib import Path
 
 from mesh_transformer.cli import setup_logging
 from mesh_transformer import storage
-from mesh_transformer.checkpoint import Checkpointer
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
 from mesh_transformer.config import load_config
 from mesh_transformer.loop import TrainOptions, train
-from mesh_transformer.model import Transformer
-from mesh_transformer.sampling import generate
-from mesh_transformer.sharding import make_mesh
-from mesh_transformer.tokenizer import load_tokenizer
-from mesh_transformer.train import Trainer
+from mesh_transformer.sampling import SamplingParams, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +78,11 @@ def print_loss_summary(metrics_path: Path) -> None:
 
 
 def print_sample(config_path: str, prompt: str, max_new_tokens: int, temperature: float) -> None:
-    config = load_config(config_path)
-    tokenizer = load_tokenizer(config.run.tokenizer)
-    trainer = Trainer(config, make_mesh(config))
-    with Checkpointer(config.run.checkpoint_dir) as checkpoints:
-        state, _ = checkpoints.restore(trainer.abstract_state(), restore_keys=("params",))
-    ids = generate(Transformer(config.model), state["params"], tokenizer.encode(prompt), max_new_tokens,
-                   real_vocab=tokenizer.vocab_size, temperature=temperature, eos_id=tokenizer.eos_token_id)
+    generator = load_generator(load_config(config_path), max_batch=1)
+    settings = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+    completion = generator.generate([prompt], settings)[0]
     print(f"\n--- sample (temperature {temperature}) ---")
-    print(prompt + tokenizer.decode(ids))
+    print(prompt + completion.text)
     print("-----------------------")
 
 

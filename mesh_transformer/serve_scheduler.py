@@ -1,0 +1,163 @@
+"""Continuous batching for the server: one thread owns the model and a running DecodeBatch.
+
+HTTP handlers (on the asyncio loop) submit a ``Ticket`` holding a request's sequences and read
+``Update``s from it. The thread admits waiting sequences into free slots between decode calls, runs
+the decode calls, and hands each piece of new text back to the ticket's loop. Finished and cancelled
+sequences leave the batch at once, so their slots are free for the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from mesh_transformer.sampling import DecodeBatch, Generator, Sequence, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5
+
+
+class QueueFull(Exception):
+    """More sequences are waiting than the queue holds."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """New output of one sequence of a ticket."""
+
+    index: int
+    text: str
+    logprobs: list[TokenLogprob]  # of the tokens that became final with this update (if asked for)
+    offsets: list[int]  # where the text of each of those tokens starts in the completion
+    finish_reason: str | None
+    error: str | None = None
+
+
+class Ticket:
+    """One request's sequences and the asyncio queue their updates arrive on."""
+
+    def __init__(self, sequences: list[Sequence], loop: asyncio.AbstractEventLoop) -> None:
+        self.sequences = sequences
+        self.updates: asyncio.Queue[Update] = asyncio.Queue()
+        self.cancelled = False
+        self._loop = loop
+        self._sent_tokens = [0] * len(sequences)
+
+    def cancel(self) -> None:
+        """Stop generating (client gone, timeout); the decode thread frees the slots on its next turn."""
+        self.cancelled = True
+
+    def publish(self, index: int, text: str) -> None:
+        sequence = self.sequences[index]
+        sent, settled = self._sent_tokens[index], sequence.settled_tokens
+        logprobs, offsets = [], []
+        if sequence.params.logprobs is not None:
+            logprobs, offsets = sequence.logprobs[sent:settled], sequence.token_offsets[sent:settled]
+        self._sent_tokens[index] = max(sent, settled)
+        self._send(Update(index, text, logprobs, offsets, sequence.finish_reason))
+
+    def fail(self, message: str) -> None:
+        self.cancelled = True
+        for index, sequence in enumerate(self.sequences):
+            if not sequence.finished:
+                sequence.cancel("error")
+                self._send(Update(index, "", [], [], "error", message))
+
+    def _send(self, update: Update) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.updates.put_nowait, update)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            self.cancel()
+
+
+class Scheduler:
+    """Runs the decode loop on a background thread; ``submit`` is safe to call from any thread."""
+
+    def __init__(self, generator: Generator, *, slots: int, max_queue: int, steps_per_call: int) -> None:
+        self.generator = generator
+        self.max_queue = max_queue
+        self.batch: DecodeBatch = generator.batch(slots, steps_per_call)
+        self._waiting: deque[tuple[Ticket, int]] = deque()
+        self._owners: dict[int, tuple[Ticket, int]] = {}  # id(sequence) -> (ticket, index), while in the batch
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, ticket: Ticket) -> None:
+        """Queue the ticket's unfinished sequences; raises QueueFull when the queue is at its bound."""
+        waiting = [(ticket, i) for i, s in enumerate(ticket.sequences) if not s.finished]
+        with self._wake:
+            if len(self._waiting) + len(waiting) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} sequences are waiting (the queue holds {self.max_queue})")
+            self._waiting.extend(waiting)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.batch.active:
+                    self._publish(self.batch.step())
+                else:
+                    self._idle()
+            except Exception:  # keep serving: fail the requests in flight, start a fresh batch
+                log.exception("decode loop failed; failing the requests in flight")
+                self._fail_running("internal error while generating; see the server log")
+
+    def _idle(self) -> None:
+        with self._wake:
+            if not self._waiting and not self._stopping:
+                self._wake.wait(IDLE_WAIT_S)
+
+    def _drop_cancelled(self) -> None:
+        for sequence in self.batch.active:
+            ticket, _ = self._owners[id(sequence)]
+            if ticket.cancelled:
+                sequence.cancel("cancelled")
+                self.batch.release(sequence)
+                del self._owners[id(sequence)]
+        with self._wake:
+            kept = [(t, i) for t, i in self._waiting if not t.cancelled]
+            self._waiting = deque(kept)
+
+    def _admit(self) -> None:
+        with self._wake:
+            count = min(self.batch.free_slots, len(self._waiting))
+            joining = [self._waiting.popleft() for _ in range(count)]
+        joining = [(ticket, index) for ticket, index in joining if not ticket.sequences[index].finished]
+        if not joining:
+            return
+        for ticket, index in joining:
+            self._owners[id(ticket.sequences[index])] = (ticket, index)
+        self._publish(self.batch.add([ticket.sequences[index] for ticket, index in joining]))
+
+    def _publish(self, updates: list[tuple[Sequence, str]]) -> None:
+        for sequence, text in updates:
+            ticket, index = self._owners[id(sequence)]
+            ticket.publish(index, text)
+            if sequence.finished:
+                del self._owners[id(sequence)]
+
+    def _fail_running(self, message: str) -> None:
+        for ticket, _ in list(self._owners.values()):
+            ticket.fail(message)
+        self._owners.clear()
+        self.batch = self.generator.batch(self.batch.capacity, self.batch.steps_per_call)
