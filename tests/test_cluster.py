@@ -167,7 +167,9 @@ def test_a_killed_host_actor_is_recovered_from_the_last_checkpoint(tmp_path, dat
         process = subprocess.Popen(pod_command(config), env=ray_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         pids = wait_for(lambda: host_pids(log_file), process, log_file, "the host actors")
-        wait_for(lambda: finished_steps(tmp_path / "run") >= 4, process, log_file, "step 4")
+        # Checkpoints are written in the background: kill only once step 3's is complete (renamed into place).
+        wait_for(lambda: finished_steps(tmp_path / "run") >= 4 and (tmp_path / "run" / "step_3").is_dir(),
+                 process, log_file, "step 4 and the checkpoint of step 3")
         os.kill(pids[1], signal.SIGKILL)
         assert process.wait(timeout=RUN_TIMEOUT_S) == 0, log_file.read_text()[-3000:]
     finally:
