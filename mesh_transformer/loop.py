@@ -119,6 +119,15 @@ def local_row_block(sharding: jax.sharding.Sharding, global_shape: tuple[int, ..
     return start, stop
 
 
+def _harness_evaluator(config: Config, mesh):
+    """The lm-evaluation-harness runner when the config lists eval_harness_tasks (it checks their names now)."""
+    if not config.run.eval_harness_tasks:
+        return None
+    from mesh_transformer.evaluation import TrainingEvaluator  # lm-eval is optional: imported only when used
+
+    return TrainingEvaluator(config, mesh)
+
+
 class TrainingRun:
     def __init__(self, config: Config, options: TrainOptions = TrainOptions()):
         if not config.run.checkpoint_dir:
@@ -127,6 +136,7 @@ class TrainingRun:
             raise ConfigError(f"{config.source}: set train_set to an index file listing the training tfrecords.")
         self.config, self.options = config, options
         self.mesh = make_mesh(config)
+        self.harness = _harness_evaluator(config, self.mesh)  # before anything is written: bad task names stop here
         self.trainer = Trainer(config, self.mesh, real_vocab=_real_vocab_size(config))
         self.run_dir = config.run.checkpoint_dir
         self.checkpointer = Checkpointer(self.run_dir, keep_last=config.train.keep_last,
@@ -274,6 +284,9 @@ class TrainingRun:
                     val = self.validate(state.params, eval_step)
                     self.metrics.log(step, val)
                     log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    tick = time.perf_counter()
+                if self.harness is not None and step % cfg.val_every == 0:
+                    self.metrics.log(step, self.harness.evaluate(state.params))
                     tick = time.perf_counter()
                 if step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping:
                     self._save(state, loader, force=stopping)
