@@ -22,23 +22,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# One real CPU device using every core: drop a fake-device flag inherited from a test environment.
-os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                 os.environ.get("XLA_FLAGS", "")).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from common import (add_repo_to_path, add_run_arguments, add_shape_arguments, append_results, command_line,
+                    machine_summary, markdown_table, use_one_cpu_device)
+
+use_one_cpu_device()
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
 import lm_eval  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,12 +41,10 @@ import transformers  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+add_repo_to_path()
 from mesh_transformer import hf  # noqa: E402
 from mesh_transformer.evaluation import MeshTransformerLM  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 EOT = "<|endoftext|>"
 TASK = "bench_mc"
 
@@ -115,27 +108,21 @@ def logprobs(results: dict) -> np.ndarray:
     return np.array([r[0] for s in results["samples"][TASK] for r in s["filtered_resps"]])
 
 
-def machine_info() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    return (f"{cpu}, {os.cpu_count()} cores (nproc); Python {platform.python_version()}, jax {jax.__version__}, "
-            f"torch {torch.__version__}, lm-eval {lm_eval.__version__}")
-
-
 def report(args, command: str, requests: int, ours: list[float], theirs: list[float], loads, agreement) -> str:
     warm, reference = statistics.median(ours[1:]), statistics.median(theirs)
     rows = [("ours, first run (compiles)", ours[0]), (f"ours, median of {len(ours) - 1} later runs", warm),
             (f"harness `hf` model (PyTorch), median of {len(theirs)} runs", reference)]
     title = f"lm-evaluation-harness: our adapter vs the harness's `hf` model ({datetime.date.today().isoformat()})"
+    machine = machine_summary(cores_note=" (nproc)", lm_eval=lm_eval.__version__)
     lines = [f"\n## {title}\n",
-             f"Command: `{command}`  \nMachine: {machine_info()}  \nLoad average before/after: "
+             f"Command: `{command}`  \nMachine: {machine}  \nLoad average before/after: "
              f"{loads[0]:.2f} / {loads[1]:.2f}\n",
              f"Model: GPT-J, {args.layers} layers, d_model {args.d_model}, {args.heads} heads, rotary {args.rotary}, "
              f"seq {args.seq}, vocabulary {args.vocab} (byte-level BPE), fp32, random weights, one CPU device. "
              f"Task: multiple choice, {args.docs} documents x {args.choices} choices = {requests} loglikelihood "
              f"requests, batch size {args.batch} on both sides. Wall time of `simple_evaluate` after loading.\n",
-             "| runner | seconds | requests/s |", "|---|---|---|",
-             *[f"| {name} | {seconds:.2f} | {requests / seconds:.1f} |" for name, seconds in rows],
+             markdown_table(["runner", "seconds", "requests/s"],
+                            [[name, f"{seconds:.2f}", f"{requests / seconds:.1f}"] for name, seconds in rows]),
              f"\nOurs (warm) vs hf: **{reference / warm:.2f}x** requests/s; with compilation: "
              f"{reference / ours[0]:.2f}x. {agreement}\n"]
     return "\n".join(lines) + "\n"
@@ -143,18 +130,12 @@ def report(args, command: str, requests: int, ours: list[float], theirs: list[fl
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--rotary", type=int, default=32)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seq", type=int, default=256)
+    add_shape_arguments(p, layers=4, d_model=256, heads=8, rotary=32, vocab=4096, seq=256)
     p.add_argument("--docs", type=int, default=50)
     p.add_argument("--choices", type=int, default=4)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side (ours: the first compiles)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
-    p.add_argument("--no-write", action="store_true", help=f"do not append to {RESULTS.name}")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.d_model, args.heads, args.rotary, args.vocab, args.docs, args.repeats = 2, 64, 4, 8, 512, 8, 2
@@ -163,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -185,8 +166,7 @@ def main(argv=None) -> None:
     section = report(args, command, requests, ours, theirs, (load_before, os.getloadavg()[0]), agreement)
     print(section)
     if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write(section)
+        append_results(section)
 
 
 if __name__ == "__main__":

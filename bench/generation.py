@@ -24,9 +24,6 @@ import concurrent.futures
 import datetime
 import json
 import os
-import platform
-import re
-import shlex
 import socket
 import statistics
 import subprocess
@@ -37,26 +34,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# One real CPU device using every core: drop a fake-device flag inherited from a test environment.
-os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                 os.environ.get("XLA_FLAGS", "")).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from common import (add_repo_to_path, add_run_arguments, add_shape_arguments, append_results, command_line,
+                    machine_summary, markdown_table, use_one_cpu_device)
+
+use_one_cpu_device()
 
 import httpx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = add_repo_to_path()
 from mesh_transformer import hf  # noqa: E402
 from mesh_transformer.checkpoint import Checkpointer  # noqa: E402
 from mesh_transformer.config import Config, load_config  # noqa: E402
 from mesh_transformer.sampling import Generator, SamplingParams  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
 from mesh_transformer.train import Trainer  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 @dataclass(frozen=True)
@@ -214,18 +208,6 @@ def serve_benchmark(args, config_path: Path, log: Path) -> dict[str, float]:
 
 # ----- reporting -----
 
-def machine_info() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, jax {jax.__version__}, "
-            f"torch {torch.__version__}")
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def report(args, command: str, loads: tuple[float, float], runners: list[Runner], agree: dict[int, float],
            served: dict[str, float] | None) -> str:
     rows = []
@@ -242,13 +224,14 @@ def report(args, command: str, loads: tuple[float, float], runners: list[Runner]
                          f"{agree[batch]:.0%}" if r is mine else ""])
     text = [f"\n## Generation: KV-cache decoding vs transformers generate, and server throughput "
             f"({datetime.date.today().isoformat()})\n",
-            f"Command: `{command}`  \nMachine: {machine_info()}  \nLoad average before/after: "
+            f"Command: `{command}`  \nMachine: {machine_summary()}  \nLoad average before/after: "
             f"{loads[0]:.2f} / {loads[1]:.2f}\n",
             f"Model: GPT-J layout, {args.layers} layers, d_model {args.d_model}, {args.heads} heads, rotary "
             f"{args.rotary}, vocab {args.vocab}, fp32, random weights shared through a Hugging Face export. "
             f"Greedy, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, median of {args.repeats} "
             f"interleaved runs.\n",
-            table(["runner", "batch", "new tokens/s", "seconds", "ours vs best HF", "same greedy tokens"], rows)]
+            markdown_table(["runner", "batch", "new tokens/s", "seconds", "ours vs best HF", "same greedy tokens"],
+                           rows)]
     if served:
         ratio = served["concurrent"] / served["sequential"]
         text.append(f"\nServer (`device_serve.py`, max batch {args.clients}, {args.clients * args.requests_per_client} "
@@ -262,12 +245,7 @@ def report(args, command: str, loads: tuple[float, float], runners: list[Runner]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--rotary", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=50400)
-    p.add_argument("--seq", type=int, default=512)
+    add_shape_arguments(p, layers=6, d_model=512, heads=8, rotary=64, vocab=50400, seq=512)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -276,8 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--no-server", action="store_true", help="skip the server measurement")
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
-    p.add_argument("--no-write", action="store_true", help=f"do not append to {RESULTS.name}")
+    add_run_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.d_model, args.heads, args.rotary, args.vocab, args.seq = 2, 64, 4, 8, 512, 128
@@ -287,7 +264,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -316,10 +293,7 @@ def main(argv=None) -> None:
     section = report(args, command, (load_before, os.getloadavg()[0]), runners, agree, served)
     print(section)
     if not args.no_write:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n")
-        with RESULTS.open("a") as f:
-            f.write(section)
+        append_results(section)
 
 
 if __name__ == "__main__":

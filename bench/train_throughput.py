@@ -23,32 +23,27 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# One real CPU device using every core: drop a fake-device flag inherited from a test environment.
-os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                 os.environ.get("XLA_FLAGS", "")).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from common import (RESULTS, add_repo_to_path, add_run_arguments, add_shape_arguments, append_results, command_line,
+                    cpu_description, cpu_flags, markdown_table, software_versions, use_one_cpu_device)
+
+use_one_cpu_device()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+add_repo_to_path()
 from mesh_transformer.config import parse_config  # noqa: E402
 from mesh_transformer.model import non_embedding_params  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
 from mesh_transformer.train import Trainer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.1, 1.0
 
 
@@ -157,41 +152,15 @@ def hf_runner(args, tokens: np.ndarray) -> tuple[Runner, int]:
 # ----- reporting -----
 
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        have = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in have)
-    except (OSError, AttributeError):
-        pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "flags": flags, "python": platform.python_version(),
-            "jax": jax.__version__, "torch": torch.__version__, "torch_threads": str(torch.get_num_threads())}
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return {"cpu": cpu_description(), "cores": str(os.cpu_count()), "flags": cpu_flags(),
+            **software_versions(torch_threads=str(torch.get_num_threads()))}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per runner (after 1 warmup step)")
-    p.add_argument("--layers", type=int, default=6)
+    add_shape_arguments(p, layers=6, d_model=512, heads=8, rotary=64, vocab=50400, seq=512)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--rotary", type=int, default=64, help="rotary dims per head (GPT-J's rotary_dim)")
-    p.add_argument("--vocab", type=int, default=50400, help="vocabulary size (GPT-J: 50400 = padded GPT-2 vocab)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per runner (after 1 warmup step)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our param/compute dtype")
     p.add_argument("--remat", nargs="+", default=["none", "full"],
                    choices=["none", "full", "dots", "dots_with_no_batch_dims"], help="our remat policies to run")
@@ -200,8 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-repeats", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run")
-    p.add_argument("--no-write", action="store_true", help=f"do not append to {RESULTS.name}")
+    add_run_arguments(p)
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
@@ -213,7 +181,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     torch.set_num_threads(os.cpu_count())
     info = machine_info()
     load_before = os.getloadavg()[0]
@@ -265,7 +233,7 @@ def main(argv=None) -> None:
         rows.append([r.name, f"{med:.3f}", f"{min(r.times):.3f}", f"{statistics.median(r.cpu_times):.3f}",
                      f"{tps:.0f}", ratio, f"{100 * tps * flops_per_token / peak:.1f}%", compile_s])
     header = ["runner", "median step s", "min step s", "CPU s/step", "tokens/s", "vs HF", "MFU", "compile s"]
-    result_table = table(rows, header)
+    result_table = markdown_table(header, rows)
     shape = (f"layers {args.layers}, d_model {args.d_model}, heads {args.heads}, rotary {args.rotary}, "
              f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {args.dtype}; "
              f"N = {n_params:,} non-embedding params incl. lm_head; "
@@ -294,10 +262,8 @@ def main(argv=None) -> None:
         result_table,
         "",
     ])
-    if not args.results.exists():
-        args.results.write_text("# Training throughput results\n\nAppended by `bench/train_throughput.py`.\n")
-    with args.results.open("a") as f:
-        f.write(section)
+    append_results(section, args.results,
+                   title="# Training throughput results\n\nAppended by `bench/train_throughput.py`.\n")
     print(f"appended to {args.results}")
 
 
