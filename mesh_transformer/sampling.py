@@ -39,7 +39,14 @@ from mesh_transformer import legacy, storage
 from mesh_transformer.checkpoint import Checkpointer, resolve_checkpoint
 from mesh_transformer.config import Config, ModelConfig
 from mesh_transformer.model import STACKED_LAYERS, LayerCache, Transformer, init_cache, unstack_layers
-from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, mesh_from_shape, tree_shardings
+from mesh_transformer.sharding import (
+    data_parallel_size,
+    fetch_to_host,
+    logical_to_spec,
+    make_mesh,
+    mesh_from_shape,
+    tree_shardings,
+)
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 from mesh_transformer.train import Trainer
 
@@ -460,7 +467,7 @@ class Generator:
         length = _bucket(len(prompt), MIN_PROMPT_BUCKET, self.cfg.seq)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(prompt)] = prompt
-        logprobs, top_ids, top_logprobs = jax.device_get(score_tokens(self.cfg, self.real_vocab, self.params, tokens))
+        logprobs, top_ids, top_logprobs = fetch_to_host(score_tokens(self.cfg, self.real_vocab, self.params, tokens))
         result: list[TokenLogprob | None] = [None]
         for i in range(1, len(prompt)):
             top = tuple(zip(top_ids[i - 1, :top_n].tolist(), top_logprobs[i - 1, :top_n].tolist()))
@@ -522,7 +529,7 @@ class DecodeBatch:
             _set_controls(controls, row, sequence)
         fresh, choice = self.gen.prefill(tokens, lengths, Controls(**controls))
         self.cache = insert_rows(self.cache, fresh, targets)
-        choice = jax.device_get(choice)
+        choice = fetch_to_host(choice)
         updates = []
         for row, (sequence, slot) in enumerate(zip(sequences, free)):
             self.slots[slot] = sequence
@@ -541,7 +548,7 @@ class DecodeBatch:
             self.controls["counter"][slot] = len(self.slots[slot].tokens)
         self.cache, choices = self.gen.decode(self.cache, self.next_token, self.position, Controls(**self.controls),
                                               self.steps_per_call)
-        choices = jax.device_get(choices)
+        choices = fetch_to_host(choices)
         updates = []
         for slot in occupied:
             sequence, pieces = self.slots[slot], []

@@ -107,3 +107,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split (dp * fsdp): the original's number of replicas."""
     return mesh.shape["dp"] * mesh.shape["fsdp"]
+
+
+def fetch_to_host(tree):
+    """The values of a tree of arrays as numpy, on every process. An array split across processes
+    (in a multi-host run) is gathered first: jax.device_get alone can only read what is local."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return jax.device_get(x)
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(fetch, tree)

@@ -9,6 +9,7 @@ the YAML files in ``tests/eval_tasks/`` reading local jsonl files, so nothing is
 
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read by the datasets library when it is imported
@@ -28,7 +29,8 @@ from mesh_transformer.config import ConfigError, load_config  # noqa: E402
 from mesh_transformer.evaluation import MeshTransformerLM, check_task_names, harness_metrics  # noqa: E402
 from mesh_transformer.loop import TrainOptions, train  # noqa: E402
 from tests.test_hf import EOT, gpt_neo_config, gpt_neox_config, gptj_config, save_hf_model  # noqa: E402
-from tests.test_loop import write_config, write_dataset  # noqa: E402
+from tests.test_loop import REPO, read_metrics, write_config, write_dataset  # noqa: E402
+from tests.test_multihost import distributed_args, run_processes  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 LONG_CONTEXT = " ".join(json.loads(line)["text"] for line in (TASKS_DIR / "ppl_tiny.jsonl").read_text().splitlines())
@@ -296,3 +298,48 @@ def test_the_harness_command_line_runs_our_model(imported, monkeypatch, capsys):
     cli.lm_eval_main()
     out = capsys.readouterr().out
     assert "mesh_transformer" in out and "mc_tiny" in out
+
+
+# ----- several hosts -----
+
+def two_host_commands(script: str, *args: str) -> list[list[str]]:
+    return [[sys.executable, str(REPO / script), *args, *host_args] for host_args in distributed_args(2)]
+
+
+def assert_same_results(ours: dict, reference: dict, tasks: list[str]) -> None:
+    for task in tasks:
+        for key, expected in reference["results"][task].items():
+            if isinstance(expected, float):
+                assert ours["results"][task][key] == pytest.approx(expected, rel=METRIC_RTOL), (task, key)
+
+
+@pytest.mark.slow
+def test_eval_harness_on_two_hosts_gives_the_results_of_one(imported, tmp_path):
+    """2 processes x 4 devices on the (2, 2, 2) mesh against this process's 8 devices: every request
+    answered alike, and only process 0 writes."""
+    _, config = imported("gpt_neox")
+    options = ["--config", str(config), "--tasks", ",".join(LOCAL_TASKS), "--include-path", str(TASKS_DIR),
+               "--batch-size", "4", "--log-samples", "--log-level", "WARNING"]
+    assert cli.main([*options, "--output", str(tmp_path / "one.json")]) == 0
+    runs = run_processes(two_host_commands("eval_harness.py", *options, "--output", str(tmp_path / "two.json")),
+                         devices=4, cwd=TASKS_DIR)
+    assert "results written to" in runs[0].stdout
+    assert "results written to" not in runs[1].stdout and "mc_tiny" not in runs[1].stdout
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert_same_metrics(two, one)
+    assert_same_samples(two, one)
+
+
+@pytest.mark.slow
+def test_evaluation_during_a_two_host_training_run_matches_one_host(tmp_path):
+    tasks = [str(TASKS_DIR / "mc_tiny.yaml"), str(TASKS_DIR / "ppl_tiny.yaml"), str(TASKS_DIR / "gen_tiny.yaml")]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    train(load_config(str(training_config(one, tasks))), TrainOptions(show_progress=False))
+    run_processes(two_host_commands("device_train.py", "--config", str(training_config(two, tasks)), "--no-progress"),
+                  devices=4, cwd=TASKS_DIR)
+    evaluations = [[r for r in read_metrics(root / "run") if any(k.startswith("eval/") for k in r)]
+                   for root in (one, two)]
+    assert [r["step"] for r in evaluations[1]] == [r["step"] for r in evaluations[0]] == [2]
+    for key, expected in evaluations[0][0].items():
+        assert evaluations[1][0][key] == pytest.approx(expected, rel=METRIC_RTOL), key

@@ -37,9 +37,9 @@ PROCESS_TIMEOUT_S = 300
 N_FILES, RECORDS_PER_FILE = 4, 12
 
 
-def run_processes(commands: list[list[str]], devices: int) -> list[subprocess.CompletedProcess]:
+def run_processes(commands: list[list[str]], devices: int, cwd: Path = REPO) -> list[subprocess.CompletedProcess]:
     """Run the processes of one multi-process job together; if one fails or hangs, stop them all."""
-    processes = [subprocess.Popen(c, env=env_with_devices(devices), cwd=REPO, stdout=subprocess.PIPE,
+    processes = [subprocess.Popen(c, env=env_with_devices(devices), cwd=cwd, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for c in commands]
     results = []
     try:

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 
+import jax
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table
 
 from mesh_transformer import storage
-from mesh_transformer.cli import add_model_arguments, setup_logging
+from mesh_transformer.cli import add_distributed_arguments, add_model_arguments, join_distributed, setup_logging
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.evaluation import MeshTransformerLM, check_task_names
 
@@ -37,8 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences scored or decoded together")
     parser.add_argument("--include-path", default=None, help="a folder of extra task YAML files")
     parser.add_argument("--output", default=None, help="write the harness's results JSON here (path or URL)")
+    parser.add_argument("--log-samples", action="store_true",
+                        help="with --output: also write every document's requests and responses")
+    add_distributed_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.log_samples and not args.output:
+        parser.error("--log-samples needs --output (the samples are written into the results JSON)")
+    return args
 
 
 def task_list(text: str) -> list[str]:
@@ -48,27 +56,40 @@ def task_list(text: str) -> list[str]:
     return tasks
 
 
+def start_pools_without_fork() -> None:
+    """The harness computes standard errors in a multiprocessing pool. A child forked from a process
+    running JAX's threads can deadlock, so the pool's processes start from a fork server instead."""
+    multiprocessing.set_start_method("forkserver", force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
+    start_pools_without_fork()
     try:
+        join_distributed(args)
         tasks = task_list(args.tasks)
         task_manager = TaskManager(include_path=args.include_path)
         check_task_names(tasks, task_manager, "--tasks")
         lm = MeshTransformerLM(load_config(args.config), args.checkpoint, args.step, batch_size=args.batch_size)
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, num_fewshot=args.num_fewshot,
-                                  limit=args.limit, batch_size=args.batch_size, log_samples=False)
+                                  limit=args.limit, batch_size=args.batch_size, log_samples=args.log_samples)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if jax.process_index() == 0:  # every host computed the same results; one reports them
+        report(results, args.output)
+    return 0
+
+
+def report(results: dict, output: str | None) -> None:
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
-    if args.output:
-        storage.write_text_atomic(args.output, json.dumps(results, indent=2, default=handle_non_serializable,
-                                                          ensure_ascii=False) + "\n")
-        print(f"results written to {args.output}")
-    return 0
+    if output:
+        storage.write_text_atomic(output, json.dumps(results, indent=2, default=handle_non_serializable,
+                                                     ensure_ascii=False) + "\n")
+        print(f"results written to {output}")
 
 
 def lm_eval_main() -> None:
@@ -76,6 +97,7 @@ def lm_eval_main() -> None:
     ``mesh_transformer.evaluation`` above registered it (the harness has no plugin mechanism for models)."""
     from lm_eval.__main__ import cli_evaluate
 
+    start_pools_without_fork()
     cli_evaluate()
 
 

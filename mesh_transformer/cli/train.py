@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mesh_transformer.cli import setup_logging
-from mesh_transformer.cluster import distributed_spec, initialize_distributed
+from mesh_transformer.cli import add_distributed_arguments, join_distributed, setup_logging
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.loop import TrainOptions, train
 
@@ -19,12 +18,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh-opt", action="store_true",
                         help="with --tune-model-path: start from a fresh optimizer state instead of the saved one")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    group = parser.add_argument_group(
-        "multi-host", "every host runs this same command; on a Cloud TPU VM the hosts are found automatically, "
-        "elsewhere give all three (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
-    group.add_argument("--coordinator-address", default=None, help="HOST:PORT of process 0, where the others join")
-    group.add_argument("--num-processes", type=int, default=None, help="how many processes (hosts) take part")
-    group.add_argument("--process-id", type=int, default=None, help="this process's rank, 0 .. num-processes - 1")
+    add_distributed_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -36,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --fresh-opt only applies together with --tune-model-path", file=sys.stderr)
         return 2
     try:
-        initialize_distributed(distributed_spec(args.coordinator_address, args.num_processes, args.process_id))
+        join_distributed(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
