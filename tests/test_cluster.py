@@ -30,9 +30,9 @@ from mesh_transformer.cluster import (
     distributed_spec,
 )
 from tests.gcs_emulator import client_environment, free_port, make_bucket, start_emulator
-from tests.test_loop import REPO, env_with_devices, run_train, train_losses, write_config, write_dataset
+from tests.test_loop import REPO, env_with_devices, run_train, train_losses, write_config
 from tests.test_loop import final_params as final_params_on_4_devices
-from tests.test_multihost import final_params, run_train_processes
+from tests.test_multihost import data_dir, final_params, run_train_processes  # noqa: F401 (data_dir: a fixture)
 
 RUN_TIMEOUT_S = 600
 
@@ -112,14 +112,6 @@ def ray_env() -> dict:
 def pod_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "--config", str(config), "--local-hosts", "2",
             "--devices-per-host", "4", "--retry-backoff", "1", *extra]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data")
-    write_dataset(directory, "train", n_files=4, records_per_file=24, seed=0)
-    write_dataset(directory, "val", n_files=2, records_per_file=8, seed=1)
-    return directory
 
 
 def cluster_config(root: Path, data_dir: Path) -> Path:
