@@ -56,7 +56,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config
 from mesh_transformer.model import Transformer, count_params
-from mesh_transformer.sampling import Generator, SamplingParams, load_params, mask_padded_vocab
+from mesh_transformer.sampling import Generator, SamplingParams, bucket_size, load_params, mask_padded_vocab
 from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 
@@ -90,10 +90,6 @@ def _jitted_scorer(cfg: ModelConfig, real_vocab: int, mesh: Mesh):
     replicated so that every process can read them."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(functools.partial(continuation_logprobs, cfg, real_vocab), out_shardings=(replicated, replicated))
-
-
-def _power_of_two_at_least(n: int, floor: int, cap: int) -> int:
-    return min(cap, max(floor, 1 << (n - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -223,7 +219,7 @@ class MeshTransformerLM(TemplateLM):
     def _score_batch(self, batch: list[ScoringWindow]) -> list[tuple[float, bool]]:
         # Always batch_size rows (only a run's last batch is short), and a power-of-two length: one
         # compilation per length bucket.
-        length = _power_of_two_at_least(max(len(w.tokens) for w in batch) - 1, MIN_LENGTH_BUCKET, self.max_length)
+        length = bucket_size(max(len(w.tokens) for w in batch) - 1, MIN_LENGTH_BUCKET, self.max_length)
         inputs, targets = np.zeros((self.batch_size, length), np.int32), np.zeros((self.batch_size, length), np.int32)
         scored = np.zeros((self.batch_size, length), bool)
         for row, window in enumerate(batch):

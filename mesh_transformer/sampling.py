@@ -314,7 +314,7 @@ def _seed_words(seed: int) -> tuple[int, int]:
 
 # ----- the generator -----
 
-def _bucket(n: int, minimum: int, maximum: int, base: int = 2) -> int:
+def bucket_size(n: int, minimum: int, maximum: int, base: int = 2) -> int:
     """The smallest power of ``base`` >= n (and >= minimum), capped at maximum."""
     size = max(minimum, 1)
     while size < n:
@@ -464,7 +464,7 @@ class Generator:
 
     def prompt_logprobs(self, prompt: list[int], top_n: int) -> list[TokenLogprob | None]:
         """Log-probability of each prompt token given the ones before (None for the first)."""
-        length = _bucket(len(prompt), MIN_PROMPT_BUCKET, self.cfg.seq)
+        length = bucket_size(len(prompt), MIN_PROMPT_BUCKET, self.cfg.seq)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(prompt)] = prompt
         logprobs, top_ids, top_logprobs = fetch_to_host(score_tokens(self.cfg, self.real_vocab, self.params, tokens))
@@ -514,11 +514,11 @@ class DecodeBatch:
             raise ValueError(f"{len(sequences)} sequences joining but only {self.free_slots} free slots")
         if any(len(s.prompt) + s.limit > self.max_length for s in sequences):
             raise PromptTooLong(f"a sequence does not fit the batch's context of {self.max_length} positions")
-        width = _bucket(max(len(s.prompt) for s in sequences), MIN_PROMPT_BUCKET, self.max_length)
+        width = bucket_size(max(len(s.prompt) for s in sequences), MIN_PROMPT_BUCKET, self.max_length)
         reach = [width] + [len(s.prompt) + self.steps_per_call for s in sequences] + self._reach()
         self._fit(len(self.active) + len(sequences), max(reach))
         free = [i for i, s in enumerate(self.slots) if s is None]
-        group = _bucket(len(sequences), 1, self.capacity, base=4)
+        group = bucket_size(len(sequences), 1, self.capacity, base=4)
         tokens = np.zeros((group, width), np.int32)
         lengths = np.ones(group, np.int32)
         targets = np.full(group, self.rows, np.int32)  # padding rows write nowhere
@@ -565,8 +565,8 @@ class DecodeBatch:
 
     def _fit(self, sequences: int, reach: int) -> None:
         """Resize the cache if ``sequences`` rows or ``reach`` positions do not fit, or need a quarter of it."""
-        rows = _resized(self.rows, _bucket(sequences, 1, self.capacity, base=4))
-        length = _resized(self.length, _bucket(reach, MIN_CACHE_LENGTH, self.max_length))
+        rows = _resized(self.rows, bucket_size(sequences, 1, self.capacity, base=4))
+        length = _resized(self.length, bucket_size(reach, MIN_CACHE_LENGTH, self.max_length))
         if (rows, length) != (self.rows, self.length):
             self._rebuild(rows, length)
 
@@ -628,7 +628,7 @@ class DecodeBatch:
 
 
 def _powers(minimum: int, maximum: int, base: int) -> list[int]:
-    """The bucket sizes ``_bucket`` can return."""
+    """The bucket sizes ``bucket_size`` can return."""
     sizes = [min(minimum, maximum)]
     while sizes[-1] < maximum:
         sizes.append(min(sizes[-1] * base, maximum))
