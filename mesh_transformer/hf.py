@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh_transformer import storage
+from mesh_transformer import legacy, storage
 from mesh_transformer.config import Config, ConfigError, ModelConfig, parse_config
 
 log = logging.getLogger(__name__)
@@ -811,36 +811,13 @@ def check_param_shapes(found: dict[str, tuple], expected: dict[str, tuple], wher
         raise ConversionError(f"{where}: parameters {extra[:5]} are not part of the model described by {context}")
 
 
-def _legacy_module():
-    try:
-        from mesh_transformer import legacy
-    except ImportError:
-        return None
-    return legacy
-
-
-def _is_legacy_checkpoint(path: str) -> bool:
-    legacy = _legacy_module()
-    if legacy is None:
-        return False
-    if legacy.detect_legacy_checkpoint(path):
-        return True
-    resolve = getattr(legacy, "resolve_legacy_step_dir", None)
-    if resolve is None:
-        return False
-    try:  # a legacy run directory: step_N/shard_0/0.npz below it
-        return legacy.detect_legacy_checkpoint(resolve(path))
-    except FileNotFoundError:
-        return False
-
-
 def open_checkpoint_params(checkpoint: str, config: Config):
     """A reader of our parameters from a native checkpoint (step_N dir or run dir) or a legacy one."""
     from mesh_transformer.checkpoint import resolve_checkpoint
 
-    if _is_legacy_checkpoint(checkpoint):
+    if legacy.is_legacy_checkpoint(checkpoint):
         log.info("%s is a mesh-transformer-jax (v1) checkpoint; reading it with mesh_transformer.legacy", checkpoint)
-        params = _legacy_module().read_legacy_params(checkpoint, config)
+        params = legacy.read_legacy_params(checkpoint, config)
         return InMemoryParams(params, f"legacy checkpoint {checkpoint}")
     run_dir, step = resolve_checkpoint(checkpoint)
     log.info("exporting %s step %d", run_dir, step)

@@ -280,14 +280,10 @@ class TrainingRun:
                     self.metrics.log(step, record)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
                                     mfu=f"{record['train/mfu']:.1%}")
-                if self.config.run.val_set and cfg.val_batches and step % cfg.val_every == 0:
-                    val = self.validate(state.params, eval_step)
-                    self.metrics.log(step, val)
-                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                    tick = time.perf_counter()
-                if self.harness is not None and step % cfg.val_every == 0:
-                    self.metrics.log(step, self.harness.evaluate(state.params))
-                    tick = time.perf_counter()
+                if step % cfg.val_every == 0:
+                    paused = time.perf_counter()
+                    self._evaluate(step, state.params, eval_step)
+                    tick += time.perf_counter() - paused  # evaluation time is not training throughput
                 if step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping:
                     self._save(state, loader, force=stopping)
         self.checkpointer.wait()
@@ -295,6 +291,15 @@ class TrainingRun:
             log.warning("stopped by %s at step %d; run the same command to resume",
                         stop.signal_name or "a signal to another process", step)
         return TrainResult(start, step, stopping, last_loss)
+
+    def _evaluate(self, step: int, params, eval_step) -> None:
+        """The validation loss and the config's harness tasks, logged at ``step``."""
+        if self.config.run.val_set and self.config.train.val_batches:
+            val = self.validate(params, eval_step)
+            self.metrics.log(step, val)
+            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        if self.harness is not None:
+            self.metrics.log(step, self.harness.evaluate(params))
 
     def close(self) -> None:
         self.checkpointer.close()

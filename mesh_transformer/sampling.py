@@ -368,12 +368,15 @@ def decode_steps(cfg: ModelConfig, real_vocab: int, params, cache, tokens, posit
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def score_tokens(cfg: ModelConfig, real_vocab: int, params, tokens):
-    """Log-softmax over the real vocabulary after each position of one sequence (1, length), and its top ids."""
+    """For one sequence (1, length): the log-probability of each token given the ones before (length - 1,),
+    and after each position the top ids and their log-probabilities (over the real vocabulary)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     logits, _ = _forward(cfg, params, tokens, positions, init_cache(cfg, *tokens.shape))
     logprobs = jax.nn.log_softmax(mask_padded_vocab(logits[0], real_vocab), axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, real_vocab))
-    return logprobs, top_ids, top_logprobs
+    # Only what the host reads: each next token's log-probability, not the (length, vocab) table.
+    next_logprobs = jnp.take_along_axis(logprobs[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
+    return next_logprobs, top_ids, top_logprobs
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,11 +470,12 @@ class Generator:
         length = bucket_size(len(prompt), MIN_PROMPT_BUCKET, self.cfg.seq)
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(prompt)] = prompt
-        logprobs, top_ids, top_logprobs = fetch_to_host(score_tokens(self.cfg, self.real_vocab, self.params, tokens))
+        next_logprobs, top_ids, top_logprobs = fetch_to_host(
+            score_tokens(self.cfg, self.real_vocab, self.params, tokens))
         result: list[TokenLogprob | None] = [None]
         for i in range(1, len(prompt)):
             top = tuple(zip(top_ids[i - 1, :top_n].tolist(), top_logprobs[i - 1, :top_n].tolist()))
-            result.append(TokenLogprob(prompt[i], float(logprobs[i - 1, prompt[i]]), top))
+            result.append(TokenLogprob(prompt[i], float(next_logprobs[i - 1]), top))
         return result
 
 
@@ -677,21 +681,13 @@ def _set_controls(controls: dict[str, np.ndarray], row: int, sequence: Sequence)
 
 # ----- loading -----
 
-def _is_legacy_checkpoint(path: str) -> bool:
-    """A checkpoint of the original mesh-transformer-jax (a step_N directory or its run directory)."""
-    try:
-        return legacy.detect_legacy_checkpoint(legacy.resolve_legacy_step_dir(path))
-    except FileNotFoundError:
-        return False
-
-
 def load_params(config: Config, checkpoint: str | None = None, step: int | None = None, mesh: Mesh | None = None):
     """Parameters of a checkpoint (a run directory or its step_N directory; default the config's
     model_dir), the newest step unless ``step`` is given, sharded like training on ``mesh``. Native
     checkpoints and those of the original mesh-transformer-jax (full or slim) are read."""
     mesh = mesh or make_mesh(config)
     path = checkpoint or config.run.checkpoint_dir
-    if _is_legacy_checkpoint(path):
+    if legacy.is_legacy_checkpoint(path):
         source = path if step is None else storage.join(path, f"step_{step}")
         log.info("reading %s as a mesh-transformer-jax checkpoint", source)
         params = legacy.read_legacy_params(source, config, dtype=config.model.param_dtype)

@@ -26,7 +26,7 @@ from lm_eval.utils import handle_non_serializable, make_table
 from mesh_transformer import storage
 from mesh_transformer.cli import add_distributed_arguments, add_model_arguments, join_distributed, setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.evaluation import MeshTransformerLM, check_task_names
+from mesh_transformer.evaluation import DEFAULT_BATCH_SIZE, MeshTransformerLM, check_task_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
     parser.add_argument("--limit", type=float, default=None,
                         help="documents per task: a count, or a fraction below 1 (for quick checks only)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences scored or decoded together")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="sequences scored or decoded together")
     parser.add_argument("--include-path", default=None, help="a folder of extra task YAML files")
     parser.add_argument("--output", default=None, help="write the harness's results JSON here (path or URL)")
     parser.add_argument("--log-samples", action="store_true",
