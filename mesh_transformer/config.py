@@ -21,6 +21,10 @@ from mesh_transformer import storage
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
+# "auto": bfloat16 matmuls on accelerators (float32 master weights and optimizer state, as the original
+# trained), float32 on CPUs, which have no fast bfloat16 and where the tests compare against float32.
+COMPUTE_DTYPES = ("auto", *DTYPES)
+BF16_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ROTARY_STYLES = ("gptj", "neox")
 SUPPORTED_PE = ("rotary", "fixed")
@@ -49,7 +53,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     d_head: int | None = None
     param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
     remat: str = "full"
     scan_unroll: int = 1
     # Architecture variants (GPT-J defaults; GPT-NeoX and GPT-Neo set these, see configs/).
@@ -82,6 +86,17 @@ class ModelConfig:
     @property
     def has_local_attention(self) -> bool:
         return "local" in self.attention_layers
+
+    def for_platform(self, platform: str) -> "ModelConfig":
+        """This config with ``compute_dtype: auto`` resolved for a JAX platform (``tpu``, ``gpu``, ``cpu``)."""
+        return dataclasses.replace(self, compute_dtype=resolve_compute_dtype(self.compute_dtype, platform))
+
+
+def resolve_compute_dtype(requested: str, platform: str) -> str:
+    """The dtype matmuls run in: an explicit choice stays, ``auto`` is bfloat16 on accelerators."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if platform in BF16_PLATFORMS else "float32"
 
 
 @dataclass(frozen=True)
@@ -121,6 +136,7 @@ class TrainConfig:
     val_every: int = 500
     val_batches: int = 100
     log_every: int = 1
+    grad_accum_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ class RunConfig:
     comment: str = ""
     eval_harness_tasks: tuple[str, ...] = ()
     tpu_size: int | None = None
+    slice: str | None = None  # the hardware the config is meant for, e.g. "v3-8" (used by the planner)
 
     @property
     def checkpoint_dir(self) -> str:
@@ -168,7 +185,7 @@ class Config:
 # Keys that the original code read but that have no separate effect here, with the reason.
 _LEGACY_NOTES = {
     "early_cast": "parameters are cast to compute_dtype inside each layer",
-    "bf16_optimizer": "optimizer state follows param_dtype",
+    "bf16_optimizer": "optimizer state follows param_dtype (float32 unless set)",
     "early_collect": "XLA schedules collectives itself",
     "eval_only": "use eval_harness.py for evaluation-only runs",
     "gen_length": "sampling takes the length per request",
@@ -331,7 +348,7 @@ def validate(config: Config) -> None:
     _choice(src, "pe", m.pe, SUPPORTED_PE)
     _choice(src, "rotary_style", m.rotary_style, ROTARY_STYLES)
     _choice(src, "param_dtype", m.param_dtype, DTYPES)
-    _choice(src, "compute_dtype", m.compute_dtype, DTYPES)
+    _choice(src, "compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
     _choice(src, "remat", m.remat, REMAT_POLICIES)
     _positive(src, "scan_unroll", m.scan_unroll)
     if m.d_head is None and m.d_model % m.n_heads:
@@ -358,6 +375,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{src}: tie_embeddings: true reuses wte as the output layer, which has no bias; "
                           "set lm_head_bias: false.")
     t, o = config.train, config.optimizer
+    _choice(src, "grad_accum_dtype", t.grad_accum_dtype, DTYPES)
     for key in ("per_replica_batch", "gradient_accumulation_steps", "total_steps", "ckpt_every", "val_every",
                 "keep_last", "log_every"):
         _positive(src, key, getattr(t, key))

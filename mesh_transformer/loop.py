@@ -256,6 +256,7 @@ class TrainingRun:
         flops_per_token = model_flops_per_token(non_embedding_params(state.params), self.config.model.layers,
                                                 self.config.model.d_model, self.config.model.seq)
         peak, peak_source = device_peak_flops(jax.devices()[0])
+        log.info(self.trainer.precision_policy())
         log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
                  dict(self.mesh.shape), self.global_batch, cfg.gradient_accumulation_steps, flops_per_token,
                  peak, peak_source)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesh_transformer import storage
+from mesh_transformer.hardware import accelerator_for_device_kind
 
 logger = logging.getLogger(__name__)
 
@@ -220,36 +221,12 @@ def model_flops_per_token(n_params: int, layers: int, d_model: int, seq: int) ->
     return 6.0 * n_params + 12.0 * layers * d_model * seq
 
 
-# Dense (no sparsity) bf16 peak FLOP/s per JAX device, by a substring of ``device.device_kind``.
-# Sources: Google Cloud TPU system-architecture pages (per chip: v2 45 T, v3 123 T, v4 275 T,
-# v5e 197 T, v5p 459 T, v6e 918 T); NVIDIA A100, H100 and H200 datasheets (dense = half the
-# "with sparsity" figure: A100 312 T; H100 SXM 989 T, PCIe 756 T, NVL 835 T; H200 989 T).
-# TPU v2 and v3 chips have two TensorCores that JAX exposes as two devices, hence half a chip;
-# v4 and v5p fuse them into one megacore device. More specific names come first.
-_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("TPU v2", 45e12 / 2),
-    ("TPU v3", 123e12 / 2),
-    ("TPU v4", 275e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v6e", 918e12),
-    ("A100", 312e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-)
 _TABLE_DTYPES = ("bfloat16", "float16")
 
 
 def _table_peak(device_kind: str) -> float | None:
-    for name, flops in _PEAK_BF16_FLOPS:
-        if name in device_kind:
-            return flops
-    return None
+    accelerator = accelerator_for_device_kind(device_kind)
+    return accelerator.peak_bf16_flops if accelerator else None
 
 
 def _measured_peak(device: jax.Device) -> float:

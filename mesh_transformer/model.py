@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import flax.struct
 
-from mesh_transformer.config import ModelConfig
+from mesh_transformer.config import ModelConfig, resolve_compute_dtype
 from mesh_transformer.sharding import constrain
 
 INIT_STDDEV = 0.02
@@ -36,6 +36,12 @@ REMAT_POLICIES = {
 
 def dtype_of(name: str) -> jnp.dtype:
     return jnp.dtype(name)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The dtype matmuls run in. ``auto`` is resolved here for the default backend; code that knows
+    its mesh (``train.Trainer``, the planner) resolves it for the mesh's platform beforehand."""
+    return dtype_of(resolve_compute_dtype(cfg.compute_dtype, jax.default_backend()))
 
 
 def _kernel_init(names: tuple[str, ...], stddev: float = INIT_STDDEV):
@@ -88,12 +94,12 @@ class Dense(nn.Dense):
         return y.reshape(*inputs.shape[:-1], self.features)
 
 
-def _dense(cfg: ModelConfig, features: int, names: tuple[str, str], name: str, use_bias: bool,
+def _dense(cfg: ModelConfig, features: int, names: tuple[str, str], name: str | None, use_bias: bool,
            stddev: float = INIT_STDDEV) -> nn.Dense:
     return Dense(
         features,
         use_bias=use_bias,
-        dtype=dtype_of(cfg.compute_dtype),
+        dtype=compute_dtype(cfg),
         param_dtype=dtype_of(cfg.param_dtype),
         kernel_init=_kernel_init(names, stddev),
         bias_init=_zeros(names[1:]),
@@ -101,10 +107,10 @@ def _dense(cfg: ModelConfig, features: int, names: tuple[str, str], name: str, u
     )
 
 
-def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+def _layer_norm(cfg: ModelConfig, name: str | None) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_eps,
-        dtype=dtype_of(cfg.compute_dtype),
+        dtype=compute_dtype(cfg),
         param_dtype=dtype_of(cfg.param_dtype),
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=_zeros(("norm",)),
@@ -180,7 +186,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[LayerCache, .
     """An empty KV cache: one array pair per layer, so a decode step updates each in place (a single
     stacked array was about 2x slower on CPU: XLA copied all of it at every step)."""
     shape = (batch, cfg.n_heads, length, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, dtype_of(cfg.compute_dtype))  # noqa: E731
+    zeros = lambda: jnp.zeros(shape, compute_dtype(cfg))  # noqa: E731
     return tuple(LayerCache(zeros(), zeros()) for _ in range(cfg.layers))
 
 
@@ -312,32 +318,44 @@ class Transformer(nn.Module):
     With ``cache`` (from ``init_cache``) the call is a prefill or decode step: ``tokens`` are the new
     tokens at ``positions``, and the result is ``(logits, updated cache)``. The layers then run one by
     one (weights from ``unstack_layers``, or sliced from the stacked ones) on the same Block code.
+
+    ``embed`` and ``head`` are the parts before and after the layer stack, callable on their own
+    (``apply(..., method=Transformer.embed)``) by the layer-by-layer training step.
     """
 
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.wte = _embedding(cfg, cfg.n_vocab, ("vocab", "embed"))
+        if cfg.pe == "fixed":
+            self.wpe = _embedding(cfg, cfg.seq, ("positions", "embed"))
+        self.blocks = _layer_stack(cfg)(cfg)
+        self.ln_f = _layer_norm(cfg, None)
+        if not cfg.tie_embeddings:
+            self.lm_head = _dense(cfg, cfg.n_vocab, ("embed", "vocab"), None, use_bias=cfg.lm_head_bias)
+
+    def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+        x = self.wte(tokens)
+        if self.cfg.pe == "fixed":
+            x = x + self.wpe(positions)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def head(self, x: jax.Array) -> jax.Array:
+        x = self.ln_f(x)
+        logits = self.wte.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: tuple[LayerCache, ...] | None = None):
-        cfg = self.cfg
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        wte = _embedding(cfg, cfg.n_vocab, ("vocab", "embed"), "wte")
-        x = wte(tokens)
-        if cfg.pe == "fixed":
-            x = x + _embedding(cfg, cfg.seq, ("positions", "embed"), "wpe")(positions)
-        x = constrain(x, ("batch", "length", "act_embed"))
+            positions = default_positions(tokens)
+        x = self.embed(tokens, positions)
         if cache is None:
-            x, _ = _layer_stack(cfg)(cfg, name=STACKED_LAYERS)(x, positions, layer_windows(cfg))
-        else:
-            x, new_cache = self._cached_layers(x, positions, cache)
-        x = _layer_norm(cfg, "ln_f")(x)
-        if cfg.tie_embeddings:
-            logits = wte.attend(x)
-        else:
-            logits = _dense(cfg, cfg.n_vocab, ("embed", "vocab"), "lm_head", use_bias=cfg.lm_head_bias)(x)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-        return logits if cache is None else (logits, new_cache)
+            x, _ = self.blocks(x, positions, layer_windows(self.cfg))
+            return self.head(x)
+        x, new_cache = self._cached_layers(x, positions, cache)
+        return self.head(x), new_cache
 
     def _cached_layers(self, x: jax.Array, positions: jax.Array, cache: tuple[LayerCache, ...]):
         """The layers unrolled, each with its own cache arrays (so XLA updates them in place)."""
@@ -352,8 +370,13 @@ class Transformer(nn.Module):
         return x, tuple(new_cache)
 
 
-def _embedding(cfg: ModelConfig, rows: int, names: tuple[str, str], name: str) -> nn.Embed:
-    return nn.Embed(rows, cfg.d_model, dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype),
+def default_positions(tokens: jax.Array) -> jax.Array:
+    """0, 1, 2, ... for every row of a (batch, length) token array."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+def _embedding(cfg: ModelConfig, rows: int, names: tuple[str, str], name: str | None = None) -> nn.Embed:
+    return nn.Embed(rows, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=dtype_of(cfg.param_dtype),
                     embedding_init=_kernel_init(names), name=name)
 
 

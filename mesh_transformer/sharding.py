@@ -104,6 +104,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """``tpu``, ``gpu`` or ``cpu``: what the mesh's devices are (abstract TPU devices included)."""
+    return mesh.devices.flat[0].platform
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split (dp * fsdp): the original's number of replicas."""
     return mesh.shape["dp"] * mesh.shape["fsdp"]

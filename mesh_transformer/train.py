@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesh_transformer.config import Config, OptimizerConfig
-from mesh_transformer.model import STACKED_LAYERS, Transformer
-from mesh_transformer.sharding import named_sharding, tree_shardings
+from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
+from mesh_transformer.model import STACKED_LAYERS, Block, Transformer, default_positions, layer_windows
+from mesh_transformer.sharding import mesh_platform, named_sharding, tree_shardings
 
 # A batch is (microbatches, batch, seq + 1): tokens and a 0/1 mask of real (non-padding) tokens.
 BATCH_AXES = ("microbatch", "batch", "length")
@@ -96,8 +96,19 @@ class Trainer:
     real_vocab: int | None = None
 
     @property
+    def model_config(self) -> ModelConfig:
+        """The model config with ``compute_dtype: auto`` resolved for the mesh's devices."""
+        return self.config.model.for_platform(mesh_platform(self.mesh))
+
+    @property
     def model(self) -> Transformer:
-        return Transformer(self.config.model)
+        return Transformer(self.model_config)
+
+    def precision_policy(self) -> str:
+        """One line for the start-up log: which dtype each part of the step uses."""
+        m = self.model_config
+        return (f"mixed precision: {m.param_dtype} parameters and optimizer state, {m.compute_dtype} compute, "
+                f"gradients accumulated in {self.config.train.grad_accum_dtype}")
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -153,17 +164,77 @@ class Trainer:
         return cross_entropy(logits, tokens[:, 1:], mask[:, 1:], self.config.optimizer.z_loss, self.real_vocab)
 
     def _accumulated_grads(self, params, tokens: jax.Array, mask: jax.Array):
-        """Sum loss, token count and gradients over micro-batches with a scan, then normalise once."""
+        """Loss and gradients averaged over the step's tokens: micro-batch sums first, normalised once.
+
+        Every micro-batch adds its gradients into one ``grad_accum_dtype`` accumulator, which is the
+        only whole-model gradient buffer: accumulation costs no memory beyond one step's gradients.
+        """
+        add_micro_batch = self._add_layerwise if self.model_config.remat == "full" else self._add_autodiff
 
         def micro_step(carry, micro):
-            loss_sum, count, grads = carry
-            (loss, n), g = jax.value_and_grad(self._loss_sums, has_aux=True)(params, *micro)
-            return (loss_sum + loss, count + n, jax.tree.map(jnp.add, grads, g)), None
+            loss_sum, count, acc = carry
+            loss, n, acc = add_micro_batch(params, acc, *micro)
+            return (loss_sum + loss, count + n, acc), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        acc_dtype = jnp.dtype(self.config.train.grad_accum_dtype)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
         (loss_sum, count, grads), _ = jax.lax.scan(micro_step, (0.0, 0.0, zeros), (tokens, mask))
         count = jnp.maximum(count, 1.0)
-        return loss_sum / count, jax.tree.map(lambda g: g / count, grads)
+        return loss_sum / count, jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
+
+    def _add_autodiff(self, params, acc, tokens: jax.Array, mask: jax.Array):
+        """One micro-batch through ``jax.value_and_grad`` of the whole model (remat policies other than full)."""
+        (loss, n), grads = jax.value_and_grad(self._loss_sums, has_aux=True)(params, tokens, mask)
+        return loss, n, jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+
+    def _add_layerwise(self, params, acc, tokens: jax.Array, mask: jax.Array):
+        """One micro-batch's loss, token count and gradients added into ``acc``, one layer at a time.
+
+        The forward pass keeps only each layer's input (full rematerialisation). The backward pass
+        recomputes one layer, takes its vector-Jacobian product and adds the layer's parameter
+        gradient into that layer's slice of the accumulator in place, so a micro-batch's gradient
+        never exists as a whole. Through ``jax.value_and_grad`` it did, next to the accumulator, and
+        GPT-J-6B with 16 micro-batches did not fit a v3-8.
+        """
+        cfg, model = self.model_config, self.model
+        inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+        positions = default_positions(inputs)
+        blocks = params[STACKED_LAYERS]
+        outer = {name: p for name, p in params.items() if name != STACKED_LAYERS}
+        windows, unroll = layer_windows(cfg), min(cfg.scan_unroll, cfg.layers)
+
+        def layer(p, x, window):
+            return Block(cfg).apply({"params": p}, x, positions, window)[0]
+
+        def forward(x, layer_inputs):
+            p, window = layer_inputs
+            return layer(p, x, window), x
+
+        def head_loss(outer_params, x):
+            logits = model.apply({"params": outer_params}, x, method=Transformer.head)
+            return cross_entropy(logits, targets, mask, self.config.optimizer.z_loss, self.real_vocab)
+
+        def backward(carry, layer_inputs):
+            dx, acc_blocks = carry
+            index, x, window = layer_inputs
+            p = jax.tree.map(lambda b: b[index], blocks)
+            _, layer_vjp = jax.vjp(lambda p, x: layer(p, x, window), p, x)
+            dp, dx = layer_vjp(dx)
+            acc_blocks = jax.tree.map(lambda a, g: a.at[index].add(g.astype(a.dtype)), acc_blocks, dp)
+            return (dx, acc_blocks), None
+
+        x, embed_vjp = jax.vjp(lambda o: model.apply({"params": o}, inputs, positions, method=Transformer.embed),
+                               outer)
+        x, layer_inputs = jax.lax.scan(forward, x, (blocks, windows), unroll=unroll)
+        (loss, count), head_vjp = jax.vjp(head_loss, outer, x)
+        d_head, dx = head_vjp((jnp.ones_like(loss), jnp.zeros_like(count)))
+        (dx, acc_blocks), _ = jax.lax.scan(backward, (dx, acc[STACKED_LAYERS]),
+                                           (jnp.arange(cfg.layers), layer_inputs, windows), reverse=True,
+                                           unroll=unroll)
+        (d_embed,) = embed_vjp(dx)
+        acc_outer = jax.tree.map(lambda a, g1, g2: a + g1.astype(a.dtype) + g2.astype(a.dtype),
+                                 {name: acc[name] for name in outer}, d_head, d_embed)
+        return loss, count, {**acc_outer, STACKED_LAYERS: acc_blocks}
 
     def _train_step(self, state: TrainState, tokens: jax.Array, mask: jax.Array):
         loss, grads = self._accumulated_grads(state.params, tokens, mask)

@@ -1,0 +1,184 @@
+"""Per-device memory of one training step: XLA's own figures for a compiled TPU step, and an
+analytic model (for GPUs, and to rank candidates before compiling them).
+
+The state's share (parameters, optimizer state) is exact in both: each array's shard size under
+the config's logical-axis rules. The gradient accumulator is params-shaped. What XLA reports beyond
+those is activations and other temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
+from mesh_transformer.model import STACKED_LAYERS, Transformer
+from mesh_transformer.plan.targets import parse_available_hbm, parse_required_hbm
+from mesh_transformer.sharding import LOGICAL_AXIS_RULES, make_mesh
+from mesh_transformer.train import Trainer, make_optimizer
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per device."""
+
+    parameters: float
+    optimizer_state: float
+    gradients: float
+    batch: float
+    activations: float  # activations and other temporaries
+    total: float
+    source: str  # "compiled" (XLA's figures) or "analytic"
+
+    def as_dict(self) -> dict[str, float]:
+        return {"parameters": self.parameters, "optimizer_state": self.optimizer_state,
+                "gradients": self.gradients, "batch": self.batch,
+                "activations_and_temporaries": self.activations, "total": self.total}
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    memory: MemoryBreakdown
+    fits: bool
+    hbm_bytes: float
+    compile_seconds: float
+
+
+@lru_cache(maxsize=32)
+def _logical_specs(model_config: ModelConfig):
+    """Shapes, dtypes and logical axis names of every parameter, without allocating anything."""
+    model = Transformer(dataclasses.replace(model_config, remat="none"))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, model_config.seq), jnp.int32)))
+    shapes = nn.unbox(boxed["params"])
+    return shapes, nn.get_partition_spec(boxed["params"])
+
+
+def _shard_elements(shape: tuple[int, ...], names: PartitionSpec, mesh_shape: dict[str, int]) -> int:
+    elements = 1
+    for size, name in zip(shape, tuple(names) + (None,) * (len(shape) - len(names))):
+        axes = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        elements *= math.ceil(size / math.prod(mesh_shape[a] for a in axes))
+    return elements
+
+
+@dataclass(frozen=True)
+class StateShards:
+    """Elements per device of the parameters (all, and the stacked layers' only)."""
+
+    params: int
+    layer_params: int
+    param_bytes: int       # per element (param_dtype)
+    total_params: int      # of the whole model, unsharded
+
+
+def state_shards(config: Config, mesh_shape: dict[str, int]) -> StateShards:
+    shapes, specs = _logical_specs(dataclasses.replace(config.model, remat="none"))
+    flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
+    flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    params = layers = total = 0
+    for (path, leaf), names in zip(flat_shapes, flat_specs):
+        n = _shard_elements(leaf.shape, names, mesh_shape)
+        params += n
+        total += math.prod(leaf.shape)
+        layers += n if getattr(path[0], "key", None) == STACKED_LAYERS else 0
+    return StateShards(params, layers, jnp.dtype(config.model.param_dtype).itemsize, total)
+
+
+@lru_cache(maxsize=8)
+def _slots(optimizer_config: OptimizerConfig) -> int:
+    params = {"w": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    state = jax.eval_shape(make_optimizer(optimizer_config).init, params)
+    return sum(1 for leaf in jax.tree.leaves(state) if getattr(leaf, "shape", ()) == (8,))
+
+
+def optimizer_slots(config: Config) -> int:
+    """How many params-shaped arrays the optimizer keeps (Adam: 2)."""
+    return _slots(config.optimizer)
+
+
+def batch_bytes(config: Config, mesh_shape: dict[str, int]) -> float:
+    # tokens (int32) and mask (float32), split over the batch axes.
+    rows = config.train.per_replica_batch
+    return 2 * 4.0 * config.train.gradient_accumulation_steps * rows * (config.model.seq + 1)
+
+
+def analytic_memory(config: Config, mesh_shape: dict[str, int], platform: str) -> MemoryBreakdown:
+    """An analytic model of the step's per-device memory (no compiler involved).
+
+    Activations: with ``remat: full`` every layer's input is kept (batch x seq x d_model in the
+    compute dtype, replicated over mp) plus one layer's working set while it is recomputed; without
+    remat a layer keeps about 16 d_model-wide and 3 d_ff-wide values per token, plus its attention
+    probabilities. The logits and their gradient are float32. Calibrated on XLA's figures for
+    GPT-J-6B; an estimate, labelled so wherever it is shown.
+    """
+    m, t = config.model.for_platform(platform), config.train
+    shards = state_shards(config, mesh_shape)
+    mp = mesh_shape["mp"]
+    compute_bytes = jnp.dtype(m.compute_dtype).itemsize
+    params = shards.params * shards.param_bytes
+    optimizer = optimizer_slots(config) * params
+    gradients = shards.params * jnp.dtype(t.grad_accum_dtype).itemsize
+    tokens = t.per_replica_batch * m.seq
+    heads_local, ff_local = m.n_heads / mp, m.ff_dim / mp
+    scores = t.per_replica_batch * heads_local * m.seq * m.seq * 4  # float32 scores, one layer
+    layer_working = tokens * (6 * m.d_model + 4 * m.n_heads * m.head_dim / mp + 3 * ff_local) * compute_bytes + 3 * scores
+    if m.remat == "full":
+        kept = m.layers * tokens * m.d_model * compute_bytes + layer_working
+        cast_copy = shards.layer_params * compute_bytes if compute_bytes < shards.param_bytes else 0
+    else:
+        per_layer = tokens * (16 * m.d_model + 3 * ff_local) * compute_bytes + scores
+        kept = m.layers * per_layer + layer_working
+        cast_copy = 0
+    logits = 3 * tokens * (m.n_vocab / mp) * 4
+    activations = kept + cast_copy + logits
+    batch = batch_bytes(config, mesh_shape)
+    total = params + optimizer + gradients + batch + activations
+    return MemoryBreakdown(params, optimizer, gradients, batch, activations, total, "analytic")
+
+
+def compile_step(config: Config, devices, hbm_bytes: float) -> CompiledStep:
+    """Compile the real train step for ``devices`` (compile-only TPU devices) and read XLA's memory figures.
+
+    A step that does not fit raises RESOURCE_EXHAUSTED in the compiler; its message states what the
+    step needs, which is reported as the total.
+    """
+    mesh = make_mesh(config, devices)
+    trainer = Trainer(config, mesh)
+    shape_dict = dict(mesh.shape)
+    analytic = analytic_memory(config, shape_dict, "tpu")
+    micro = config.train.gradient_accumulation_steps
+    batch_shape = (micro, config.train.per_replica_batch * shape_dict["dp"] * shape_dict["fsdp"], config.model.seq + 1)
+    sharding = trainer.batch_sharding()
+    tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=sharding)
+    mask = jax.ShapeDtypeStruct(batch_shape, jnp.float32, sharding=sharding)
+    start = time.perf_counter()
+    try:
+        compiled = trainer.jit_train_step().lower(trainer.abstract_state(), tokens, mask).compile()
+    except Exception as e:  # XLA raises a generic runtime error; only out-of-memory is expected here
+        required = parse_required_hbm(str(e))
+        if required is None:
+            raise
+        seconds = time.perf_counter() - start
+        available = parse_available_hbm(str(e)) or hbm_bytes
+        return CompiledStep(_compiled_breakdown(analytic, required), False, available, seconds)
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    total = float(stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+                  + stats.temp_size_in_bytes)
+    return CompiledStep(_compiled_breakdown(analytic, total), total <= hbm_bytes, hbm_bytes, seconds)
+
+
+def _compiled_breakdown(analytic: MemoryBreakdown, total: float) -> MemoryBreakdown:
+    """XLA's total, split into the state's exact share, the accumulator and the rest."""
+    known = analytic.parameters + analytic.optimizer_state + analytic.gradients + analytic.batch
+    return MemoryBreakdown(analytic.parameters, analytic.optimizer_state, analytic.gradients, analytic.batch,
+                           max(total - known, 0.0), total, "compiled")
