@@ -149,9 +149,10 @@ def test_gpt_neox_config_compiles_and_fits_its_slice():
     config = load_config("configs/pythia_410m.json")
     plan = make_plan(config, parse_tpu(config.run.slice))
     assert plan.memory.source == "compiled" and plan.fits
-    # The analytic model (used for GPUs and to rank --suggest candidates) stays near XLA's figure.
+    # The analytic model (used for GPUs and to rank --suggest candidates) errs on the safe side here
+    # (remat dots keeps less than it assumes) and stays within 2x of XLA's figure.
     analytic = make_plan(config, parse_tpu(config.run.slice), compile=False)
-    assert analytic.memory.total == pytest.approx(plan.memory.total, rel=0.35)
+    assert plan.memory.total * 0.9 <= analytic.memory.total <= 2 * plan.memory.total
 
 
 @pytest.mark.slow
