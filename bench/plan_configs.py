@@ -19,13 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import append_results, command_line, machine_summary, markdown_table  # noqa: E402
 from mesh_transformer.config import load_config  # noqa: E402
 from mesh_transformer.hardware import GIB  # noqa: E402
-from mesh_transformer.plan import make_plan, parse_tpu  # noqa: E402
+from mesh_transformer.plan import intended_slice, make_plan, parse_target  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def slice_of(config) -> str | None:
-    return config.run.slice or (f"v3-{config.run.tpu_size}" if config.run.tpu_size else None)
 
 
 def main() -> int:
@@ -37,15 +33,16 @@ def main() -> int:
     rows = []
     for path in paths:
         config = load_config(str(path))
-        name = slice_of(config)
+        name = intended_slice(config)
         if name is None:
             continue  # tiny_cpu.json is for CPUs
-        plan = make_plan(config, parse_tpu(name))
+        plan = make_plan(config, parse_target(name))
         e, t = plan.estimate, config.train
         rows.append([path.name, name, "x".join(str(plan.mesh_shape[a]) for a in ("dp", "fsdp", "mp")),
                      config.model.remat, f"{t.per_replica_batch}x{t.gradient_accumulation_steps}",
                      f"{plan.memory.total / GIB:.2f}", f"{plan.hbm_bytes / GIB:.2f}",
-                     "yes" if plan.fits else "NO", f"{plan.compile_seconds:.0f}",
+                     "yes" if plan.fits else "NO",
+                     f"{plan.compile_seconds:.0f}" if plan.compile_seconds is not None else "analytic",
                      f"{e.tokens_per_second:,.0f}", f"{e.mfu:.0%}"])
         print(" | ".join(rows[-1]), flush=True)
     table = markdown_table(["config", "slice", "dp x fsdp x mp", "remat", "batch x micro", "GiB/device (XLA)",

@@ -57,7 +57,7 @@ except ImportError as e:  # an optional dependency: say how to get it
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config
 from mesh_transformer.model import Transformer, count_params
 from mesh_transformer.sampling import Generator, SamplingParams, bucket_size, load_params, mask_padded_vocab
-from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh
+from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, traced_on
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def _jitted_scorer(cfg: ModelConfig, real_vocab: int, mesh: Mesh):
     """One jitted scorer per model and mesh, shared by every evaluation of a training run. Results are
     replicated so that every process can read them."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(functools.partial(continuation_logprobs, cfg, real_vocab), out_shardings=(replicated, replicated))
+    return jax.jit(traced_on(mesh, functools.partial(continuation_logprobs, cfg, real_vocab)),
+                   out_shardings=(replicated, replicated))
 
 
 @dataclass(frozen=True)

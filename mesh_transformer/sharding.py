@@ -11,8 +11,9 @@ dp / fsdp / mp is a config change and never a model change:
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -98,10 +99,23 @@ def tree_shardings(mesh: Mesh, logical_tree) -> object:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's layout by logical names; a no-op outside a mesh context."""
+    """Pin an activation's layout by logical names; a no-op outside a mesh context (see ``traced_on``)."""
     if jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+    """``fn`` traced with ``mesh`` as the abstract mesh, for ``jax.jit``: the model's ``constrain``
+    calls then take effect. Without it they were no-ops, and XLA chose layouts alone: with fsdp it
+    replicated the whole batch on every device (GPT-Neo 1.3B on a v3-8: 17.7 GiB instead of 7.6)."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def mesh_platform(mesh: Mesh) -> str:

@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
 from mesh_transformer.model import STACKED_LAYERS, Block, Transformer, default_positions, layer_windows
-from mesh_transformer.sharding import mesh_platform, named_sharding, tree_shardings
+from mesh_transformer.sharding import mesh_platform, named_sharding, traced_on, tree_shardings
 
 # A batch is (microbatches, batch, seq + 1): tokens and a 0/1 mask of real (non-padding) tokens.
 BATCH_AXES = ("microbatch", "batch", "length")
@@ -177,7 +177,9 @@ class Trainer:
             return (loss_sum + loss, count + n, acc), None
 
         acc_dtype = jnp.dtype(self.config.train.grad_accum_dtype)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
+        # Sharded like the parameters: left to XLA, an fsdp accumulator came out replicated.
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params),
+                                                 self.state_shardings().params)
         (loss_sum, count, grads), _ = jax.lax.scan(micro_step, (0.0, 0.0, zeros), (tokens, mask))
         count = jnp.maximum(count, 1.0)
         return loss_sum / count, jax.tree.map(lambda g, p: (g / count).astype(p.dtype), grads, params)
@@ -256,9 +258,9 @@ class Trainer:
         shardings = self.state_shardings()
         batch = self.batch_sharding()
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        return jax.jit(self._train_step, in_shardings=(shardings, batch, batch),
+        return jax.jit(traced_on(self.mesh, self._train_step), in_shardings=(shardings, batch, batch),
                        out_shardings=(shardings, replicated), donate_argnums=(0,))
 
     def jit_eval_step(self):
         batch = self.batch_sharding()
-        return jax.jit(self._eval_step, in_shardings=(self.state_shardings().params, batch, batch))
+        return jax.jit(traced_on(self.mesh, self._eval_step), in_shardings=(self.state_shardings().params, batch, batch))

@@ -13,7 +13,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 from mesh_transformer.cli.plan import main as plan_main  # noqa: E402
 from mesh_transformer.config import load_config  # noqa: E402
 from mesh_transformer.hardware import GIB  # noqa: E402
-from mesh_transformer.plan import PlanError, make_plan, parse_gpu, parse_tpu, suggest  # noqa: E402
+from mesh_transformer.plan import PlanError, make_plan, parse_gpu, parse_target, parse_tpu, suggest  # noqa: E402
 from mesh_transformer.plan import targets  # noqa: E402
 from mesh_transformer.plan.memory import state_shards  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
@@ -54,15 +54,14 @@ def test_usable_hbm_is_the_compilers_figure():
 
 
 def test_missing_libtpu_names_the_install_command(monkeypatch):
-    from jax.experimental import topologies
+    import importlib.util
 
-    def no_libtpu(**_):
-        raise RuntimeError("Unable to initialize backend 'tpu': libtpu not found")
-
-    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "libtpu" else real_find_spec(name, *a))
     targets.tpu_devices.cache_clear()
     try:
-        with pytest.raises(PlanError, match=r'pip install -e "\.\[tpu\]"'):
+        with pytest.raises(PlanError, match=r'libtpu, which is not installed: pip install -e "\.\[tpu\]"'):
             targets.tpu_devices("v3:2x2")
     finally:
         targets.tpu_devices.cache_clear()
@@ -110,6 +109,19 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--config", "configs/tiny_cpu.json", "--topology", "v3-8",
                            "--write-config", str(tmp_path / "x.json"))
     assert code == 2 and "--suggest" in err
+
+
+def test_suggest_writes_a_config_that_loads_and_fits(capsys, tmp_path):
+    out = tmp_path / "suggested.json"
+    code, report, _ = run_cli(capsys, "--config", "configs/example_config.json", "--gpu", "8xh100-80gb",
+                              "--suggest", "--write-config", str(out))
+    assert code == 0 and "suggested (fastest estimate that fits, same global batch of 16 sequences)" in report
+    written = load_config(str(out))
+    assert written.run.slice == "8xh100-80gb" and written.run.name == "example_model"  # the rest is kept
+    plan = make_plan(written, parse_target(written.run.slice))
+    t = written.train
+    assert plan.fits and t.per_replica_batch * plan.mesh_shape["dp"] * plan.mesh_shape["fsdp"] \
+        * t.gradient_accumulation_steps == 16
 
 
 @pytest.fixture(scope="module")

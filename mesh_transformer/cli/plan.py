@@ -36,14 +36,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _target(args: argparse.Namespace, config):
-    from mesh_transformer.plan import PlanError, parse_gpu, parse_tpu
+    from mesh_transformer.plan import PlanError, intended_slice, parse_gpu, parse_target, parse_tpu
 
     if args.gpu:
         return parse_gpu(args.gpu)
-    name = args.topology or config.run.slice or (f"v3-{config.run.tpu_size}" if config.run.tpu_size else None)
+    if args.topology:
+        return parse_tpu(args.topology)
+    name = intended_slice(config)
     if name is None:
         raise PlanError(f"{config.source} names no slice: give --topology (e.g. v3-8) or --gpu (e.g. h100-80gb)")
-    return parse_tpu(name)
+    return parse_target(name)
 
 
 def _gib(value: float) -> str:
@@ -82,8 +84,8 @@ def report(plan, title: str) -> str:
         f"{e.communication_seconds:.3f}, optimizer {e.optimizer_seconds:.3f})",
         f"estimated tokens/s     {e.tokens_per_second:,.0f}",
         f"estimated MFU          {e.mfu:.1%}",
-        "  (an estimate from published peak FLOP/s, HBM and interconnect bandwidth: a roofline with no overlap of",
-        "   collectives; real steps are slower by the efficiency of matmuls and element-wise work. docs/planning.md)",
+        "  (estimates: a roofline from published peak FLOP/s, HBM and interconnect bandwidth, collectives not",
+        "   overlapped; an upper bound: real steps lose to matmul efficiency and element-wise work. docs/planning.md)",
     ]
     return "\n".join(lines)
 

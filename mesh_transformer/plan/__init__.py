@@ -19,11 +19,12 @@ from mesh_transformer.config import Config, ConfigError, MeshConfig, check_mesh_
 from mesh_transformer.hardware import GIB
 from mesh_transformer.plan.estimate import StepEstimate, estimate_step
 from mesh_transformer.plan.memory import MemoryBreakdown, analytic_memory, compile_step, state_shards
-from mesh_transformer.plan.targets import (PlanError, Target, check_devices, parse_gpu, parse_tpu, tpu_devices,
-                                           usable_hbm_bytes)
+from mesh_transformer.plan.targets import (PlanError, Target, check_devices, parse_gpu, parse_target, parse_tpu,
+                                           tpu_devices, usable_hbm_bytes)
 from mesh_transformer.sharding import MESH_AXES, resolve_mesh_shape
 
-__all__ = ["Plan", "PlanError", "Target", "make_plan", "parse_gpu", "parse_tpu", "suggest"]
+__all__ = ["Plan", "PlanError", "Target", "intended_slice", "make_plan", "parse_gpu", "parse_target", "parse_tpu",
+           "suggest"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class Plan:
                                             "communication": self.estimate.communication_seconds,
                                             "optimizer": self.estimate.optimizer_seconds},
         }
+
+
+def intended_slice(config: Config) -> str | None:
+    """The slice a config is meant for: its ``slice`` key, or ``v3-{tpu_size}`` (the original's TPUs)."""
+    return config.run.slice or (f"v3-{config.run.tpu_size}" if config.run.tpu_size else None)
 
 
 def _mesh_shape(config: Config, target: Target) -> dict[str, int]:
@@ -143,12 +149,19 @@ def global_sequences(config: Config, devices: int) -> int:
     return t.per_replica_batch * _replicas(config, devices) * t.gradient_accumulation_steps
 
 
-def suggest(config: Config, target: Target, *, max_compiles: int = 8) -> Plan | None:
+def _layout(plan: Plan) -> tuple:
+    """What a candidate shares with others that differ only in rows per micro-batch."""
+    return tuple(plan.mesh_shape.values()), plan.config.model.remat
+
+
+def suggest(config: Config, target: Target, *, max_compiles: int = 12) -> Plan | None:
     """The fastest estimated config that fits, with the same global batch.
 
     Candidates are ranked by the estimated step time; those the analytic memory model puts far
     over the budget are skipped. For a TPU slice the best ones are then compiled in that order
-    until one fits (the compiler decides), at most ``max_compiles``; for GPUs the analytic model decides.
+    until one fits (the compiler decides), at most ``max_compiles``. A candidate that did not fit
+    rules out those of the same mesh and remat with as many rows per micro-batch or more (memory
+    only grows with them), so compilations go to new layouts. For GPUs the analytic model decides.
     """
     ranked = []
     for candidate in candidate_configs(config, target.devices):
@@ -158,12 +171,20 @@ def suggest(config: Config, target: Target, *, max_compiles: int = 8) -> Plan | 
     ranked.sort(key=lambda p: p.estimate.step_seconds)
     if not target.compiled:
         return next((p for p in ranked if p.fits), None)
-    for attempt, candidate in enumerate(ranked[:max_compiles], start=1):
+    too_big: dict[tuple, int] = {}  # layout -> the fewest rows per micro-batch seen not to fit
+    compiles = 0
+    for candidate in ranked:
+        rows = candidate.config.train.per_replica_batch
+        if rows >= too_big.get(_layout(candidate), rows + 1):
+            continue
+        if compiles == max_compiles:
+            break
+        compiles += 1
         plan = make_plan(candidate.config, target)
-        log.info("candidate %d: mesh %s remat %s %d x %d: %.2f GiB of %.2f GiB, %s", attempt, plan.mesh_shape,
-                 candidate.config.model.remat, candidate.config.train.per_replica_batch,
-                 candidate.config.train.gradient_accumulation_steps, plan.memory.total / GIB,
-                 plan.hbm_bytes / GIB, "fits" if plan.fits else "does not fit")
+        log.info("candidate %d: mesh %s remat %s %d x %d: %.2f GiB of %.2f GiB, %s", compiles, plan.mesh_shape,
+                 candidate.config.model.remat, rows, candidate.config.train.gradient_accumulation_steps,
+                 plan.memory.total / GIB, plan.hbm_bytes / GIB, "fits" if plan.fits else "does not fit")
         if plan.fits:
             return plan
+        too_big[_layout(candidate)] = rows
     return None

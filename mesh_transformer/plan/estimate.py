@@ -53,9 +53,7 @@ def estimate_step(config: Config, mesh_shape: dict[str, int], accelerator: Accel
     m, t = config.model.for_platform(accelerator.platform), config.train
     dp, fsdp, mp = mesh_shape["dp"], mesh_shape["fsdp"], mesh_shape["mp"]
     devices = dp * fsdp * mp
-    # The same count as the training loop's MFU (model.non_embedding_params): input embeddings excluded.
-    non_embedding = shards.total_params - m.n_vocab * m.d_model - (m.seq * m.d_model if m.pe == "fixed" else 0)
-    per_token = model_flops_per_token(non_embedding, m.layers, m.d_model, m.seq)
+    per_token = model_flops_per_token(shards.non_embedding_params, m.layers, m.d_model, m.seq)
     model_flops = per_token * tokens_per_step(config, mesh_shape)
     # remat full recomputes the forward pass (a third of the model FLOPs) in the backward pass.
     hardware_flops = model_flops * (4 / 3 if m.remat == "full" else 1.0)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
-from mesh_transformer.model import STACKED_LAYERS, Transformer
+from mesh_transformer.model import STACKED_LAYERS, Transformer, non_embedding_params
 from mesh_transformer.plan.targets import parse_available_hbm, parse_required_hbm
 from mesh_transformer.sharding import LOGICAL_AXIS_RULES, make_mesh
 from mesh_transformer.train import Trainer, make_optimizer
@@ -77,20 +77,19 @@ class StateShards:
     params: int
     layer_params: int
     param_bytes: int       # per element (param_dtype)
-    total_params: int      # of the whole model, unsharded
+    non_embedding_params: int  # of the whole model, as the training MFU counts them
 
 
 def state_shards(config: Config, mesh_shape: dict[str, int]) -> StateShards:
     shapes, specs = _logical_specs(dataclasses.replace(config.model, remat="none"))
     flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)
     flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    params = layers = total = 0
+    params = layers = 0
     for (path, leaf), names in zip(flat_shapes, flat_specs):
         n = _shard_elements(leaf.shape, names, mesh_shape)
         params += n
-        total += math.prod(leaf.shape)
         layers += n if getattr(path[0], "key", None) == STACKED_LAYERS else 0
-    return StateShards(params, layers, jnp.dtype(config.model.param_dtype).itemsize, total)
+    return StateShards(params, layers, jnp.dtype(config.model.param_dtype).itemsize, non_embedding_params(shapes))
 
 
 @lru_cache(maxsize=8)
@@ -105,7 +104,7 @@ def optimizer_slots(config: Config) -> int:
     return _slots(config.optimizer)
 
 
-def batch_bytes(config: Config, mesh_shape: dict[str, int]) -> float:
+def batch_bytes(config: Config) -> float:
     # tokens (int32) and mask (float32), split over the batch axes.
     rows = config.train.per_replica_batch
     return 2 * 4.0 * config.train.gradient_accumulation_steps * rows * (config.model.seq + 1)
@@ -140,7 +139,7 @@ def analytic_memory(config: Config, mesh_shape: dict[str, int], platform: str) -
         cast_copy = 0
     logits = 3 * tokens * (m.n_vocab / mp) * 4
     activations = kept + cast_copy + logits
-    batch = batch_bytes(config, mesh_shape)
+    batch = batch_bytes(config)
     total = params + optimizer + gradients + batch + activations
     return MemoryBreakdown(params, optimizer, gradients, batch, activations, total, "analytic")
 

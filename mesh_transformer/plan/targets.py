@@ -7,6 +7,7 @@ plans are analytic.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -53,8 +54,7 @@ def _chip_grid(chips: int, dims: int) -> tuple[int, ...]:
     for _ in range(int(math.log2(chips))):
         smallest = min(range(dims), key=lambda i: (exponents[i], -i))
         exponents[smallest] += 1
-    grid = sorted(2**e for e in exponents)
-    return tuple(grid) if dims == 2 else (grid[1], grid[2], grid[0]) if grid[0] == 1 else tuple(grid)
+    return tuple(sorted((2**e for e in exponents), key=lambda size: (size == 1, size)))  # 2x2x1, not 1x2x2
 
 
 def parse_tpu(name: str) -> Target:
@@ -87,24 +87,29 @@ def parse_gpu(name: str) -> Target:
     return Target(name, accelerator, int(match.group(1) or 1))
 
 
+def parse_target(name: str) -> Target:
+    """A TPU slice (``v3-8``) or GPUs (``8xh100-80gb``), as a config's ``slice`` key may name either."""
+    return parse_tpu(name) if re.match(r"v\d", name.strip().lower()) else parse_gpu(name)
+
+
 @lru_cache(maxsize=None)
 def tpu_devices(topology: str) -> tuple:
     """Compile-only devices of a TPU slice (no TPU needed; libtpu must be installed)."""
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - jax always ships it
-        raise PlanError(f"this JAX has no jax.experimental.topologies ({e})") from None
+    from jax.experimental import topologies
     generation, grid = topology.split(":")
     options = {"chip_config_name": "megacore"} if generation in _MEGACORE else {}
     chips = [int(n) for n in grid.split("x")]
     if math.prod(chips) < 4:  # smaller than libtpu's default host (2x2): the slice is its own host
         options["chips_per_host_bounds"] = tuple(chips + [1] * (3 - len(chips)))
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError(f"planning for TPUs needs libtpu, which is not installed: {TPU_INSTALL_HINT}")
     try:
         return tuple(topologies.get_topology_desc(platform="tpu", topology_name=topology, **options).devices)
     except Exception as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "libtpu" in message.lower() or "not found" in message.lower() or "unknown backend" in message.lower():
-            raise PlanError(f"planning for TPUs needs libtpu, which is not installed: {TPU_INSTALL_HINT}") from None
+        if "lockfile" in message:  # libtpu lets one process at a time load it
+            raise PlanError("libtpu is in use by another process (only one at a time may load it): wait for "
+                            f"it to finish, then plan again ({message})") from None
         raise PlanError(f"libtpu could not describe TPU topology {topology}: {message}") from None
 
 
