@@ -42,7 +42,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 add_repo_to_path()
-from mesh_transformer import hf  # noqa: E402
+from mesh_transformer.convert import hf  # noqa: E402
 from mesh_transformer.evaluation import MeshTransformerLM  # noqa: E402
 
 EOT = "<|endoftext|>"

@@ -45,12 +45,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = add_repo_to_path()
-from mesh_transformer import hf  # noqa: E402
-from mesh_transformer.checkpoint import Checkpointer  # noqa: E402
+from mesh_transformer.convert import hf  # noqa: E402
+from mesh_transformer.training.checkpoint import Checkpointer  # noqa: E402
 from mesh_transformer.config import Config, load_config  # noqa: E402
-from mesh_transformer.sampling import Generator, SamplingParams  # noqa: E402
+from mesh_transformer.inference.engine import Generator, SamplingParams  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
-from mesh_transformer.train import Trainer  # noqa: E402
+from mesh_transformer.training.steps import Trainer  # noqa: E402
 
 
 @dataclass(frozen=True)

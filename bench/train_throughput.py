@@ -40,9 +40,9 @@ import torch  # noqa: E402
 
 add_repo_to_path()
 from mesh_transformer.config import parse_config  # noqa: E402
-from mesh_transformer.model import non_embedding_params  # noqa: E402
+from mesh_transformer.models.transformer import non_embedding_params  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
-from mesh_transformer.train import Trainer  # noqa: E402
+from mesh_transformer.training.steps import Trainer  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.1, 1.0
 

@@ -214,7 +214,7 @@ class HostActor:
 
     def train(self, spec: DistributedSpec, raw_config: dict, source: str, options, pid_file: str | None) -> dict:
         """Runs in the actor's main thread, so SIGTERM (a preemption notice, stop.sh) saves a checkpoint."""
-        from mesh_transformer.cli import setup_logging
+        from mesh_transformer.log import setup_logging
 
         setup_logging()
         if pid_file:
@@ -222,7 +222,7 @@ class HostActor:
                 f.write(str(os.getpid()))
         initialize_distributed(spec)
         from mesh_transformer.config import parse_config
-        from mesh_transformer.loop import train
+        from mesh_transformer.training.run import train
 
         result = train(parse_config(raw_config, source=source), options)
         return {"start_step": result.start_step, "step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss}

@@ -55,8 +55,8 @@ except ImportError as e:  # an optional dependency: say how to get it
     raise ImportError(f"evaluation needs lm-evaluation-harness: pip install 'mesh-transformer[eval]' ({e})") from e
 
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config
-from mesh_transformer.model import Transformer, count_params
-from mesh_transformer.sampling import Generator, SamplingParams, bucket_size, load_params, mask_padded_vocab
+from mesh_transformer.models.transformer import Transformer, count_params
+from mesh_transformer.inference.engine import Generator, SamplingParams, bucket_size, load_params, mask_padded_vocab
 from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, traced_on
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.cluster import (
     AttemptResult,
     DistributedSpec,
@@ -30,8 +30,8 @@ from mesh_transformer.cluster import (
     distributed_spec,
 )
 from tests.gcs_emulator import client_environment, free_port, make_bucket, start_emulator
-from tests.test_loop import REPO, env_with_devices, run_train, train_losses, write_config
-from tests.test_loop import final_params as final_params_on_4_devices
+from tests.training.test_run import REPO, env_with_devices, run_train, train_losses, write_config
+from tests.training.test_run import final_params as final_params_on_4_devices
 from tests.test_multihost import data_dir, final_params, run_train_processes  # noqa: F401 (data_dir: a fixture)
 
 RUN_TIMEOUT_S = 600

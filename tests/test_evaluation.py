@@ -23,13 +23,13 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mesh_transformer import hf  # noqa: E402
+from mesh_transformer.convert import hf  # noqa: E402
 from mesh_transformer.cli import eval_harness as cli  # noqa: E402
 from mesh_transformer.config import ConfigError, load_config  # noqa: E402
 from mesh_transformer.evaluation import MeshTransformerLM, check_task_names, harness_metrics  # noqa: E402
-from mesh_transformer.loop import TrainOptions, train  # noqa: E402
-from tests.test_hf import EOT, gpt_neo_config, gpt_neox_config, gptj_config, save_hf_model  # noqa: E402
-from tests.test_loop import REPO, read_metrics, write_config, write_dataset  # noqa: E402
+from mesh_transformer.training.run import TrainOptions, train  # noqa: E402
+from tests.convert.test_hf import EOT, gpt_neo_config, gpt_neox_config, gptj_config, save_hf_model  # noqa: E402
+from tests.training.test_run import REPO, read_metrics, write_config, write_dataset  # noqa: E402
 from tests.test_multihost import distributed_args, run_processes  # noqa: E402
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"

@@ -2,18 +2,17 @@
 
 import json
 import subprocess
-import sys
 
 import fsspec
 import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
 from mesh_transformer.data.loader import TFRecordLoader
-from mesh_transformer.metrics import MetricsLogger
-from tests.test_loop import REPO, env_with_devices, train_command
+from mesh_transformer.training.metrics import MetricsLogger
+from tests.training.test_run import REPO, env_with_devices, train_command
 
 pytestmark = pytest.mark.usefixtures("gcs_emulator")
 
@@ -83,10 +82,10 @@ def test_export_to_hugging_face_format_into_a_bucket(tmp_path, gcs_bucket):
     from transformers import GPTJForCausalLM
 
     from mesh_transformer.config import parse_config
-    from mesh_transformer.hf import export_to_hf
-    from mesh_transformer.model import Transformer
+    from mesh_transformer.convert.hf import export_to_hf
+    from mesh_transformer.models.transformer import Transformer
     from mesh_transformer.sharding import make_mesh
-    from mesh_transformer.train import Trainer
+    from mesh_transformer.training.steps import Trainer
 
     config = parse_config(dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=16, pe_rotary_dims=4, lr=1e-3,
                                tokenizer="bytes", model_dir=f"{gcs_bucket}/run"))

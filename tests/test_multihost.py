@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.config import load_config
 from mesh_transformer.data.tfrecord import open_writer
 from mesh_transformer.sharding import make_mesh
-from mesh_transformer.train import Trainer
+from mesh_transformer.training.steps import Trainer
 from tests.gcs_emulator import free_port
-from tests.test_loop import (
+from tests.training.test_run import (
     REPO,
     SEQ,
     env_with_devices,

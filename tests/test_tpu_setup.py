@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.test_loop import REPO, write_config
+from tests.training.test_run import REPO, write_config
 
 SETUP = REPO / "tpu_setup"
 NAME, ZONE = "mtj", "europe-west4-a"

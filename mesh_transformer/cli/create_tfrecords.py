@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from mesh_transformer.cli import setup_logging
+from mesh_transformer.log import setup_logging
 from mesh_transformer.data.prepare import PrepareConfig, PrepareError, prepare_tfrecords
 from mesh_transformer.tokenizer import TokenizerError
 

@@ -14,12 +14,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from mesh_transformer.cli import setup_logging
+from mesh_transformer.log import setup_logging
 from mesh_transformer import storage
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
 from mesh_transformer.config import load_config
-from mesh_transformer.loop import TrainOptions, train
-from mesh_transformer.sampling import SamplingParams, load_generator
+from mesh_transformer.training.run import TrainOptions, train
+from mesh_transformer.inference.engine import SamplingParams, load_generator
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table
 
 from mesh_transformer import storage
-from mesh_transformer.cli import add_distributed_arguments, add_model_arguments, join_distributed, setup_logging
+from mesh_transformer.cli import add_distributed_arguments, add_model_arguments, join_distributed
+from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.evaluation import DEFAULT_BATCH_SIZE, MeshTransformerLM, check_task_names
 

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from mesh_transformer.cli import setup_logging
+from mesh_transformer.log import setup_logging
 
 EXAMPLES = """examples:
   mtj-plan --config configs/example_config.json --topology v3-8

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from mesh_transformer import storage
-from mesh_transformer.cli import setup_logging
+from mesh_transformer.log import setup_logging
 from mesh_transformer.cluster import (
     AttemptResult,
     HostGroup,
@@ -124,7 +124,7 @@ def clear_run(raw: dict, source: str) -> None:
 
 
 def train_options(args: argparse.Namespace):
-    from mesh_transformer.loop import TrainOptions
+    from mesh_transformer.training.run import TrainOptions
 
     return TrainOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, show_progress=False)
 

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from mesh_transformer.cli import add_model_arguments, setup_logging
+from mesh_transformer.cli import add_model_arguments
+from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.sampling import MAX_TOP_LOGPROBS, Completion, Generator, SamplingParams, load_generator
+from mesh_transformer.inference.engine import MAX_TOP_LOGPROBS, Completion, Generator, SamplingParams, load_generator
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

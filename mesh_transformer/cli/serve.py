@@ -10,10 +10,11 @@ import logging
 import os
 import sys
 
-from mesh_transformer.cli import add_model_arguments, setup_logging
+from mesh_transformer.cli import add_model_arguments
+from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.sampling import load_generator
-from mesh_transformer.serve import ServerSettings, create_app
+from mesh_transformer.inference.engine import load_generator
+from mesh_transformer.serving.server import ServerSettings, create_app
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "MTJ_API_KEY"

@@ -11,9 +11,9 @@ import logging
 import re
 import sys
 
-from mesh_transformer.cli import setup_logging
+from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.hf import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, ConversionError, export_to_hf
+from mesh_transformer.convert.hf import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, ConversionError, export_to_hf
 
 log = logging.getLogger(__name__)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mesh_transformer.cli import add_distributed_arguments, join_distributed, setup_logging
+from mesh_transformer.cli import add_distributed_arguments, join_distributed
+from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.loop import TrainOptions, train
+from mesh_transformer.training.run import TrainOptions, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

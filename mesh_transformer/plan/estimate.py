@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from mesh_transformer.config import Config
 from mesh_transformer.hardware import Accelerator
-from mesh_transformer.metrics import model_flops_per_token
+from mesh_transformer.training.metrics import model_flops_per_token
 from mesh_transformer.plan.memory import StateShards, optimizer_slots
 
 

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
-from mesh_transformer.model import STACKED_LAYERS, Transformer, non_embedding_params
+from mesh_transformer.models.transformer import STACKED_LAYERS, Transformer, non_embedding_params
 from mesh_transformer.plan.targets import parse_available_hbm, parse_required_hbm
 from mesh_transformer.sharding import LOGICAL_AXIS_RULES, make_mesh
-from mesh_transformer.train import Trainer, make_optimizer
+from mesh_transformer.training.steps import Trainer, make_optimizer
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def run_demo(workdir: Path, steps: int) -> subprocess.CompletedProcess:

@@ -15,25 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.legacy import (
+from mesh_transformer.convert.legacy import (
     LegacyCheckpointError,
     convert_legacy_checkpoint,
     detect_legacy_checkpoint,
     full_and_slim_leaf_counts,
     legacy_param_layout,
-    main,
     read_legacy_params,
     resolve_legacy_step_dir,
 )
-from mesh_transformer.model import Transformer
+from mesh_transformer.cli.legacy import main
+from mesh_transformer.models.transformer import Transformer
 from mesh_transformer.sharding import mesh_from_shape
-from mesh_transformer.train import Trainer, cross_entropy
-from tests.helpers import tiny_config
+from mesh_transformer.training.steps import Trainer, cross_entropy
+from tests.helpers import REPO, tiny_config
 from tests.legacy_writer import ROOT, haiku_params, write_legacy_checkpoint, write_meta
 
-REPO = Path(__file__).resolve().parent.parent
 SHARDS = 8
 SEQ = 16
 
@@ -185,7 +184,7 @@ def test_many_layers_read_back_exactly(tmp_path):
 
 
 def test_full_and_slim_checkpoints_load_and_say_which(full_ckpt, slim_ckpt, config, params, caplog):
-    with caplog.at_level(logging.INFO, logger="mesh_transformer.legacy"):
+    with caplog.at_level(logging.INFO, logger="mesh_transformer.convert.legacy"):
         full = read_legacy_params(full_ckpt, config)
         assert "full checkpoint" in caplog.text and "optimizer state skipped" in caplog.text
         slim = read_legacy_params(slim_ckpt, config)
@@ -288,7 +287,7 @@ def test_fine_tuning_from_a_converted_checkpoint(tmp_path, full_ckpt, config, pa
 
 
 def test_command_line_converts_and_reports_errors(tmp_path, full_ckpt, config, capsys, monkeypatch):
-    monkeypatch.setattr("mesh_transformer.legacy.setup_logging", lambda level: None)  # keep pytest's log capture
+    monkeypatch.setattr("mesh_transformer.cli.legacy.setup_logging", lambda level: None)  # keep pytest's log capture
     config_path = tmp_path / "config.json"
     config_path.write_text(
         '{"layers": 3, "d_model": 64, "n_heads": 8, "n_vocab": 96, "seq": 16, "pe_rotary_dims": 4, "lr": 1e-3, '
@@ -390,7 +389,7 @@ def test_reading_streams_one_tensor_at_a_time(tmp_path):
 
 @pytest.mark.slow
 def test_convert_with_the_cli_then_fine_tune_with_device_train(tmp_path):
-    from tests.test_loop import env_with_devices, read_metrics, run_train, write_config, write_dataset
+    from tests.training.test_run import env_with_devices, read_metrics, run_train, write_config, write_dataset
 
     write_dataset(tmp_path, "train", n_files=1, records_per_file=16, seed=0)
     write_dataset(tmp_path, "val", n_files=1, records_per_file=4, seed=1)

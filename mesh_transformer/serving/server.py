@@ -29,14 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from mesh_transformer.sampling import (
+from mesh_transformer.inference.engine import (
     MAX_TOP_LOGPROBS,
     Generator,
     SamplingParams,
     Sequence,
     TokenLogprob,
 )
-from mesh_transformer.serve_scheduler import QueueFull, Scheduler, Ticket, Update
+from mesh_transformer.serving.scheduler import QueueFull, Scheduler, Ticket, Update
 
 log = logging.getLogger(__name__)
 

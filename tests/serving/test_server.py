@@ -17,11 +17,11 @@ import openai
 import pytest
 
 from mesh_transformer.config import load_config
-from mesh_transformer.sampling import SamplingParams, load_generator
+from mesh_transformer.inference.engine import SamplingParams, load_generator
 from mesh_transformer.sharding import mesh_from_shape
-from tests.test_sampling import write_checkpoint
+from tests.helpers import REPO
+from tests.inference.test_engine import write_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
 API_KEY = "test-key-123"
 STARTUP_TIMEOUT_S = 240
 

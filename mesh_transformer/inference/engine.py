@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesh_transformer import legacy, storage
-from mesh_transformer.checkpoint import Checkpointer, resolve_checkpoint
+from mesh_transformer import storage
+from mesh_transformer.convert import legacy
+from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoint
 from mesh_transformer.config import Config, ModelConfig
-from mesh_transformer.model import STACKED_LAYERS, LayerCache, Transformer, init_cache, unstack_layers
+from mesh_transformer.models.transformer import STACKED_LAYERS, LayerCache, Transformer, init_cache, unstack_layers
 from mesh_transformer.sharding import (
     data_parallel_size,
     fetch_to_host,
@@ -48,7 +49,7 @@ from mesh_transformer.sharding import (
     tree_shardings,
 )
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
-from mesh_transformer.train import Trainer
+from mesh_transformer.training.steps import Trainer
 
 log = logging.getLogger(__name__)
 

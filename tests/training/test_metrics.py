@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
 
 
 def read_records(text):
@@ -129,7 +129,7 @@ def test_url_rewrites_the_object_at_most_every_interval_and_on_close():
 def test_missing_optional_backends_only_warn(tmp_path, monkeypatch, caplog):
     for name in ("wandb", "tensorboardX", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)  # makes the import fail
-    with caplog.at_level(logging.WARNING, logger="mesh_transformer.metrics"):
+    with caplog.at_level(logging.WARNING, logger="mesh_transformer.training.metrics"):
         logger = MetricsLogger(str(tmp_path / "m.jsonl"), wandb_project="proj", tensorboard_dir=str(tmp_path))
     logger.log(1, {"loss": 1.0})
     logger.close()

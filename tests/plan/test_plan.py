@@ -17,7 +17,7 @@ from mesh_transformer.plan import PlanError, make_plan, parse_gpu, parse_target,
 from mesh_transformer.plan import targets  # noqa: E402
 from mesh_transformer.plan.memory import state_shards  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
-from mesh_transformer.train import Trainer  # noqa: E402
+from mesh_transformer.training.steps import Trainer  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 

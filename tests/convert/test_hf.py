@@ -20,16 +20,17 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from mesh_transformer import hf
-from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.convert import hf
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config, parse_config
-from mesh_transformer.model import Transformer
-from mesh_transformer.sampling import Generator, SamplingParams
+from mesh_transformer.models.transformer import Transformer
+from mesh_transformer.inference.engine import Generator, SamplingParams
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import load_tokenizer
-from mesh_transformer.train import Trainer
+from mesh_transformer.training.steps import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 LOGIT_TOLERANCE = 1e-4
 EOT = "<|endoftext|>"
 TRAINING_KEYS = dict(lr=1e-3, end_lr=1e-4, warmup_steps=0, anneal_steps=10, total_steps=10, weight_decay=0.1,
@@ -535,7 +536,7 @@ def test_to_hf_weights_fp32_sharded_output_matches_our_logits(tiny_run, tmp_path
 
 
 def test_to_hf_weights_reads_a_legacy_mesh_transformer_jax_run(tmp_path):
-    pytest.importorskip("mesh_transformer.legacy")
+    pytest.importorskip("mesh_transformer.convert.legacy")
     from tests.legacy_writer import write_legacy_checkpoint, write_meta
 
     raw = dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=32, pe_rotary_dims=4, tokenizer="bytes",

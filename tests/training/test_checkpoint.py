@@ -16,9 +16,9 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesh_transformer.checkpoint import Checkpointer, resolve_checkpoint
+from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoint
+from tests.helpers import REPO
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
@@ -235,7 +235,7 @@ CHILD = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-    from mesh_transformer.checkpoint import Checkpointer
+    from mesh_transformer.training.checkpoint import Checkpointer
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "mp"), axis_types=(AxisType.Auto,) * 2)
     base = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
@@ -272,7 +272,7 @@ def wait_for_half_written_save(run, deadline):
 def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(run)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from mesh_transformer.sampling import DecodeBatch, Generator, Sequence, TokenLogprob
+from mesh_transformer.inference.engine import DecodeBatch, Generator, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 

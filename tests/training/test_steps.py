@@ -5,7 +5,7 @@ import pytest
 
 from mesh_transformer.config import OptimizerConfig
 from mesh_transformer.sharding import make_mesh
-from mesh_transformer.train import Trainer, cross_entropy, decay_mask, gpt3_schedule
+from mesh_transformer.training.steps import Trainer, cross_entropy, decay_mask, gpt3_schedule
 from tests.helpers import counting_batch, random_batch, tiny_config
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 1, 4), (1, 8, 1), (2, 2, 2), (1, 2, 4)]

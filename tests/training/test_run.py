@@ -12,13 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.checkpoint import Checkpointer
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.config import load_config
 from mesh_transformer.data.tfrecord import open_writer
 from mesh_transformer.sharding import make_mesh
-from mesh_transformer.train import Trainer
+from mesh_transformer.training.steps import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 SEQ = 32
 VOCAB = 257  # the byte tokenizer
 
@@ -201,7 +202,7 @@ def test_bad_config_exits_with_a_clear_message(tmp_path, data_dir):
 
 
 def test_a_converted_checkpoint_without_data_position_trains_from_the_start(tmp_path, data_dir):
-    from mesh_transformer.loop import TrainOptions, train
+    from mesh_transformer.training.run import TrainOptions, train
 
     config = load_config(str(write_config(tmp_path / "config.json", tmp_path / "run", data_dir, total_steps=2,
                                           mesh={"dp": 8, "fsdp": 1, "mp": 1})))

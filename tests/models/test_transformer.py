@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mesh_transformer.config import ModelConfig
-from mesh_transformer.model import Transformer, apply_rotary, rotary_angles
+from mesh_transformer.models.transformer import Transformer, apply_rotary, rotary_angles
 
 CFG = ModelConfig(layers=2, d_model=32, n_heads=4, n_vocab=50, seq=16, pe_rotary_dims=4)
 

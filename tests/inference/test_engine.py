@@ -8,17 +8,17 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pathlib import Path
 
 from mesh_transformer.config import ModelConfig
-from mesh_transformer.model import Transformer, init_cache
-from mesh_transformer.sampling import (
+from mesh_transformer.models.transformer import Transformer, init_cache
+from mesh_transformer.inference.engine import (
     Controls,
     Generator,
     SamplingParams,
@@ -29,9 +29,8 @@ from mesh_transformer.sampling import (
 )
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import ByteTokenizer
-from tests.helpers import tiny_config
+from tests.helpers import REPO, tiny_config
 
-REPO = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(layers=2, d_model=32, n_heads=4, n_vocab=40, seq=32, pe_rotary_dims=4)
 VARIANTS = {
     "gptj": {},
@@ -289,7 +288,7 @@ def test_invalid_sampling_settings_name_the_setting():
 
 
 def test_a_checkpoint_of_the_original_mesh_transformer_jax_loads_directly(tmp_path):
-    from mesh_transformer.sampling import load_generator
+    from mesh_transformer.inference.engine import load_generator
     from tests.legacy_writer import write_legacy_checkpoint
 
     config = tiny_config(n_vocab=264, seq=48, model_dir=str(tmp_path / "legacy"), mesh={"dp": 1, "fsdp": 1, "mp": 1})
@@ -364,10 +363,10 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     """Our weights exported to Hugging Face GPT-J: greedy outputs agree token for token."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from mesh_transformer import hf
-    from mesh_transformer.checkpoint import Checkpointer
+    from mesh_transformer.convert import hf
+    from mesh_transformer.training.checkpoint import Checkpointer
     from mesh_transformer.sharding import make_mesh
-    from mesh_transformer.train import Trainer
+    from mesh_transformer.training.steps import Trainer
 
     config = tiny_config(n_vocab=264, seq=48, model_dir=str(tmp_path / "run"), mesh={"dp": 1, "fsdp": 1, "mp": 1})
     state = Trainer(config, make_mesh(config, jax.devices()[:1])).init_state(3)
@@ -426,10 +425,10 @@ def write_checkpoint(root: Path, suppress_eos: bool = False, **overrides) -> Pat
     Its output layer is scaled up so that greedy choices are clear-cut rather than float-rounding
     ties (random init gives nearly uniform next-token distributions). ``suppress_eos`` gives the
     end-of-text token a large negative output bias, so generation runs to its length limit."""
-    from mesh_transformer.checkpoint import Checkpointer
+    from mesh_transformer.training.checkpoint import Checkpointer
     from mesh_transformer.config import load_config
     from mesh_transformer.sharding import make_mesh
-    from mesh_transformer.train import Trainer
+    from mesh_transformer.training.steps import Trainer
 
     raw = dict(layers=2, d_model=32, n_heads=4, n_vocab=264, seq=64, pe_rotary_dims=4, tokenizer="bytes", lr=1e-3,
                model_dir=str(root / "run"), mesh={"dp": 1, "fsdp": 1, "mp": 1}, name="tiny-test")
@@ -464,7 +463,7 @@ def test_device_sample_prints_one_json_object_per_prompt(tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["prompt"] for line in lines] == ["hello", "def f(x):", "import os"]
     from mesh_transformer.config import load_config
-    from mesh_transformer.sampling import load_generator
+    from mesh_transformer.inference.engine import load_generator
     gen = load_generator(load_config(str(config)), mesh=mesh_from_shape((1, 1, 1)))
     expected = gen.generate(["hello", "def f(x):", "import os"], SamplingParams(max_new_tokens=6, temperature=0.0,
                                                                                  logprobs=2))

@@ -25,14 +25,14 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from mesh_transformer import storage
-from mesh_transformer.checkpoint import Checkpointer, resolve_checkpoint
+from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoint
 from mesh_transformer.config import Config, ConfigError, to_json_dict
 from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFRecordLoader, resolve_index
-from mesh_transformer.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
-from mesh_transformer.model import non_embedding_params
+from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from mesh_transformer.models.transformer import non_embedding_params
 from mesh_transformer.sharding import data_parallel_size, make_mesh
 from mesh_transformer.tokenizer import load_tokenizer
-from mesh_transformer.train import Trainer, TrainState
+from mesh_transformer.training.steps import Trainer, TrainState
 
 log = logging.getLogger(__name__)
 

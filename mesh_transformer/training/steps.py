@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
-from mesh_transformer.model import STACKED_LAYERS, Block, Transformer, default_positions, layer_windows
+from mesh_transformer.models.transformer import STACKED_LAYERS, Block, Transformer, default_positions, layer_windows
 from mesh_transformer.sharding import mesh_platform, named_sharding, traced_on, tree_shardings
 
 # A batch is (microbatches, batch, seq + 1): tokens and a 0/1 mask of real (non-padding) tokens.

@@ -1,0 +1,66 @@
+"""``mtj-hf import|export`` (also ``python -m mesh_transformer.hf``): Hugging Face import and export.
+
+    mtj-hf import --hf-path DIR_OR_HUB_NAME --output OUT_DIR
+    mtj-hf export ...   (same flags as to_hf_weights.py / mtj-to-hf)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mesh_transformer.cli import to_hf
+from mesh_transformer.config import ConfigError
+from mesh_transformer.convert.hf import ConversionError, import_hf
+from mesh_transformer.log import setup_logging
+
+
+
+def parse_import_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mesh_transformer.hf import",
+                                     description="Convert a Hugging Face GPT-J / GPT-Neo / GPT-NeoX model into a "
+                                                 "native checkpoint and a config for device_train.py.")
+    parser.add_argument("--hf-path", required=True, help="local model directory or Hugging Face hub name")
+    parser.add_argument("--output", required=True, help="output directory (checkpoint/, config.json, tokenizer/)")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--pad-vocab-multiple", type=int, default=1,
+                        help="pad n_vocab up to a multiple of this (e.g. to divide the mp axis)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def import_main(argv: list[str] | None = None) -> int:
+    args = parse_import_args(argv)
+    setup_logging(args.log_level.upper())
+    try:
+        summary = import_hf(args.hf_path, args.output, revision=args.revision, param_dtype=args.param_dtype,
+                            pad_vocab_multiple=args.pad_vocab_multiple, seed=args.seed,
+                            show_progress=not args.no_progress)
+    except (ConfigError, ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {args.hf_path} ({summary.architecture}) -> {summary.checkpoint_dir}; config {summary.config_path}")
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    return to_hf.main(argv)
+
+
+COMMANDS = {"import": import_main, "export": export_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: mtj-hf {import,export} ...  (--help after the command for options)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

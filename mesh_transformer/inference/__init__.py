@@ -1,0 +1,1 @@
+"""Inference: text decoding, token choice, the KV-cache generator, batching and scoring."""

@@ -1,0 +1,1 @@
+"""Model definitions: shared layers, the transformer, and one module per architecture."""

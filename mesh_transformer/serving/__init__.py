@@ -1,0 +1,1 @@
+"""Serving completions over HTTP: the server and its continuous-batching scheduler."""

@@ -1,0 +1,1 @@
+"""Training: the jitted steps, the training run, checkpoints and metrics."""
