@@ -1,4 +1,5 @@
-"""Sample from a model: an interactive prompt loop, or --prompt / --prompt-file (see --help)."""
+"""Sample from a model: an interactive prompt loop, or --prompt / --prompt-file; also installed as
+``mtj-sample`` (see docs/serving.md). Thin wrapper over mesh_transformer.cli.sample."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Serve a model over HTTP: the original /complete plus an OpenAI-compatible API (see docs/serve.md)."""
+"""Serve a model over HTTP: the original /complete plus an OpenAI-compatible API; also installed as
+``mtj-serve`` (see docs/serving.md). Thin wrapper over mesh_transformer.cli.serve."""
 
 import sys
 

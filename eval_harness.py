@@ -1,4 +1,5 @@
-"""Score a model on lm-evaluation-harness tasks (see --help). Thin wrapper over the package."""
+"""Score a model on lm-evaluation-harness tasks, also installed as ``mtj-eval-harness`` (see
+docs/evaluation.md). Thin wrapper over mesh_transformer.cli.eval_harness."""
 
 import sys
 

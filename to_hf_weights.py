@@ -1,4 +1,5 @@
-"""Export a checkpoint as a Hugging Face model (see mesh_transformer/cli/to_hf.py). Thin wrapper over the package."""
+"""Export a checkpoint as a Hugging Face model, also installed as ``mtj-to-hf`` (see docs/conversion.md).
+Thin wrapper over mesh_transformer.cli.to_hf."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Train on a TPU pod slice or on local host actors through Ray (see docs/pods.md). Thin wrapper."""
+"""The pod launcher, also installed as ``mtj-pod``: train on the hosts of a TPU pod slice, or on local host
+actors, through Ray, retrying after failures and preemptions (see docs/pods.md). Single-host training is
+``device_train.py``. Thin wrapper over mesh_transformer.cli.pod."""
 
 import sys
 

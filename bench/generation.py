@@ -48,7 +48,8 @@ REPO = add_repo_to_path()
 from mesh_transformer.convert import hf  # noqa: E402
 from mesh_transformer.training.checkpoint import Checkpointer  # noqa: E402
 from mesh_transformer.config import Config, load_config  # noqa: E402
-from mesh_transformer.inference.engine import Generator, SamplingParams  # noqa: E402
+from mesh_transformer.inference.engine import Generator  # noqa: E402
+from mesh_transformer.inference.text import SamplingParams  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
 from mesh_transformer.training.steps import Trainer  # noqa: E402
 

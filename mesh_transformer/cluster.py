@@ -7,6 +7,7 @@
   all scheduled at once through a placement group.
 * ``Supervisor`` runs attempts until one finishes, telling preemptions (a host went away, or the
   run was asked to stop by SIGTERM) from failures (anything else), each with its own retry limit.
+* ``train_on_local_hosts`` puts them together on one machine. Cloud TPU slices are in ``tpu.py``.
 """
 
 from __future__ import annotations
@@ -334,3 +335,29 @@ def group_attempt(make_group: Callable[[], HostGroup], raw_config: dict, source:
         return AttemptResult(Outcome.FAILED, f"starting the host actors failed: {e}")
     finally:
         group.teardown()
+
+
+# A local cluster only runs the host actors; its object store holds nothing large.
+_LOCAL_OBJECT_STORE_BYTES = 100 << 20
+
+
+def train_on_local_hosts(n_hosts: int, devices_per_host: int, raw_config: dict, source: str, options,
+                         policy: RetryPolicy) -> SupervisorReport:
+    """The multi-host path without a pod: a local Ray cluster of ``n_hosts`` host actors on this machine,
+    each with ``devices_per_host`` CPU devices, joined by ``jax.distributed`` on 127.0.0.1."""
+    # Every host is on this machine: keep Ray on the loopback interface (Ray reads this when imported;
+    # without it Ray registers the machine's network address even for a local cluster).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    # The actors must start with their device count set, before JAX loads in them.
+    host = HostSpec(resources={"CPU": 1}, strategy="PACK", env_vars={
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_host}", "JAX_PLATFORMS": "cpu"})
+    ray.init(num_cpus=n_hosts, include_dashboard=False, object_store_memory=_LOCAL_OBJECT_STORE_BYTES)
+    try:
+        return Supervisor(
+            lambda: group_attempt(lambda: HostGroup(n_hosts, host, coordinator_host="127.0.0.1"),
+                                  raw_config, source, options),
+            policy=policy).run()
+    finally:
+        ray.shutdown()

@@ -3,6 +3,12 @@
 Every key of the original configs is accepted with its original meaning; new keys (``mesh``,
 ``tokenizer``, ``seed``, dtypes, remat...) are optional. The rest of the code receives the frozen
 dataclasses defined here, never raw dicts.
+
+Three keys fill in the rest of a config (docs/architectures.md): ``"extends"`` (another config file
+whose keys this one overrides), ``"model"`` (a preset from ``models/presets.py``: an architecture and
+a published shape) and ``"architecture"`` (whose defaults fill every model key not set, and whose
+fixed choices the config may not contradict). Without ``"architecture"`` a config means what it
+always did, and its architecture is inferred from the flat keys.
 """
 
 from __future__ import annotations
@@ -11,12 +17,16 @@ import dataclasses
 import difflib
 import json
 import logging
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from mesh_transformer import storage
+from mesh_transformer.errors import ConfigError
+from mesh_transformer.models.presets import PRESETS
+from mesh_transformer.models.registry import architecture_of, get_architecture, inferred_architecture
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +38,11 @@ BF16_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ROTARY_STYLES = ("gptj", "neox")
 SUPPORTED_PE = ("rotary", "fixed")
-ACTIVATIONS = ("gelu_new", "gelu")
+ACTIVATIONS = ("gelu_new", "gelu", "silu")
+MLPS = ("dense", "gated")
 RESIDUALS = ("parallel", "sequential")
 ATTENTION_KINDS = ("global", "local")
-SUPPORTED_NORMS = ("layernorm",)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key and the fix."""
+SUPPORTED_NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class ModelConfig:
     n_heads: int
     n_vocab: int
     seq: int
+    # "gptj", "gpt_neo", ...: named in the config, else inferred from the flat keys when parsing
+    # (None only in ModelConfigs built directly; ``registry.architecture_of`` resolves those).
+    architecture: str | None = None
     norm: str = "layernorm"
     pe: str = "rotary"
     pe_rotary_dims: int | None = None
@@ -52,13 +62,16 @@ class ModelConfig:
     rotary_base: float = 10000.0
     layer_norm_eps: float = 1e-5
     d_head: int | None = None
+    n_kv_heads: int | None = None  # grouped-query attention: fewer key/value heads than query heads
     param_dtype: str = "float32"
     compute_dtype: str = "auto"
     remat: str = "full"
     scan_unroll: int = 1
-    # Architecture variants (GPT-J defaults; GPT-NeoX and GPT-Neo set these, see configs/).
+    # Architecture variants (GPT-J defaults; a named architecture sets its own, see models/<architecture>.py).
     d_ff: int | None = None
     activation: str = "gelu_new"
+    mlp: str = "dense"
+    mlp_bias: bool = True
     residual: str = "parallel"
     separate_mlp_norm: bool = False
     qkv_bias: bool = False
@@ -72,6 +85,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_head or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
     @property
     def rotary_dims(self) -> int:
@@ -201,10 +218,45 @@ _SECTION_OF = {
     **{f.name: ("run", f.name) for f in dataclasses.fields(RunConfig)},
 }
 _TOP_LEVEL_KEYS = {"mesh", "cores_per_replica"}
+# Keys replaced by what they name before the sections are read: a base config file and a preset.
+_EXPANDED_KEYS = {"extends", "model"}
 
 
 def load_config(path: str) -> Config:
     """Read and validate a JSON config from a local path or URL."""
+    return parse_config(read_config_dict(path), source=path)
+
+
+def read_config_dict(path: str) -> dict[str, Any]:
+    """A JSON config file's object as ``parse_config`` takes it, for callers that pass the config on
+    unparsed (the pod launcher sends it to every host). ``"extends"`` is resolved here: the result
+    holds the base files' keys, overridden by those of the files that extend them."""
+    return _read_extending(path, ())
+
+
+def _read_extending(path: str, extended_by: tuple[str, ...]) -> dict[str, Any]:
+    raw = _read_json_object(path)
+    if "extends" not in raw:
+        return raw
+    base = _base_config_path(path, _checked_value(path, "extends", raw.pop("extends"), str))
+    chain = (*extended_by, _normalised(path))
+    if _normalised(base) in chain:
+        raise ConfigError(f'{path}: "extends" forms a cycle: {" -> ".join((*chain, _normalised(base)))}.')
+    return {**_read_extending(base, chain), **raw}
+
+
+def _base_config_path(path: str, base: str) -> str:
+    """``base`` as named in ``path``'s "extends": a URL or absolute path as is, else relative to ``path``'s folder."""
+    if not storage.is_local(base) or os.path.isabs(storage.local_path(base)):
+        return base
+    return storage.join(storage.dirname(path), base)
+
+
+def _normalised(path: str) -> str:
+    return os.path.normpath(storage.local_path(path)) if storage.is_local(path) else path
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
     try:
         raw = json.loads(storage.read_text(path))
     except FileNotFoundError as e:
@@ -213,11 +265,19 @@ def load_config(path: str) -> Config:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
-    return parse_config(raw, source=path)
+    return raw
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
-    """Validate a config dict (original or new keys) into typed sections."""
+    """Validate a config dict (original or new keys) into typed sections.
+
+    A ``"model"`` preset's keys, then a named architecture's defaults, fill in the keys ``raw`` does not set.
+    """
+    if "extends" in raw:
+        raise ConfigError(f'{source}: "extends" names a file relative to the config file; read the config with '
+                          "load_config (or read_config_dict) so that it is resolved.")
+    raw = _with_architecture_defaults(_with_preset(raw, source), source)
+    named = raw.get("architecture") is not None
     sections: dict[str, dict[str, Any]] = {"model": {}, "optimizer": {}, "train": {}, "run": {}}
     for key, value in raw.items():
         if key in _LEGACY_NOTES:
@@ -235,8 +295,9 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         if isinstance(sections[section].get(key), list):
             sections[section][key] = tuple(sections[section][key])
 
+    model = _build(ModelConfig, sections["model"], source)
     config = Config(
-        model=_build(ModelConfig, sections["model"], source),
+        model=model if named else dataclasses.replace(model, architecture=inferred_architecture(model).name),
         mesh=_build_mesh(raw.get("mesh"), source),
         optimizer=_build(OptimizerConfig, sections["optimizer"], source),
         train=_build(TrainConfig, sections["train"], source),
@@ -245,11 +306,41 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         source=source,
     )
     validate(config)
+    if named:
+        _check_architecture(config.model, source)
     return config
 
 
+def _with_preset(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The preset's keys overridden by ``raw``'s own, when ``raw`` names a preset in "model"."""
+    if "model" not in raw:
+        return raw
+    name = _checked_value(source, "model", raw["model"], str)
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"{source}: config key 'model' is {name!r}, which is not a preset.{hint} "
+                          f"Presets: {', '.join(PRESETS)}.")
+    return {**PRESETS[name], **{key: value for key, value in raw.items() if key != "model"}}
+
+
+def _with_architecture_defaults(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The named architecture's defaults overridden by ``raw``'s own keys; ``raw`` itself when none is named."""
+    if raw.get("architecture") is None:
+        return raw
+    architecture = get_architecture(_checked_value(source, "architecture", raw["architecture"], str), source)
+    return {**architecture.model_defaults, **raw}
+
+
+def _check_architecture(m: ModelConfig, source: str) -> None:
+    """A config that names its architecture may not contradict what that architecture fixes."""
+    problems = get_architecture(m.architecture, source).problems(m)
+    if problems:
+        raise ConfigError(f"{source}: architecture {m.architecture!r} does not allow this: {problems[0]}")
+
+
 def _unknown_key_message(source: str, key: str) -> str:
-    known = sorted(set(_SECTION_OF) | _TOP_LEVEL_KEYS | set(_LEGACY_NOTES))
+    known = sorted(set(_SECTION_OF) | _TOP_LEVEL_KEYS | _EXPANDED_KEYS | set(_LEGACY_NOTES))
     close = difflib.get_close_matches(key, known, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"{source}: unknown config key {key!r}.{hint} Remove it or fix its spelling."
@@ -360,6 +451,12 @@ def validate(config: Config) -> None:
             f"{src}: pe_rotary_dims ({m.rotary_dims}) must be even and between 2 and the head size ({m.head_dim})."
         )
     _choice(src, "activation", m.activation, ACTIVATIONS)
+    _choice(src, "mlp", m.mlp, MLPS)
+    if m.n_kv_heads is not None:
+        _positive(src, "n_kv_heads", m.n_kv_heads)
+        if m.n_heads % m.n_kv_heads:
+            raise ConfigError(f"{src}: n_heads ({m.n_heads}) must be divisible by n_kv_heads ({m.n_kv_heads}); "
+                              "each key/value head serves an equal group of query heads.")
     _choice(src, "residual", m.residual, RESIDUALS)
     if m.residual == "sequential" and not m.separate_mlp_norm:
         raise ConfigError(f'{src}: residual "sequential" needs separate_mlp_norm: true (a norm before each branch).')
@@ -394,7 +491,7 @@ def check_mesh_fits(config: Config, dp: int, fsdp: int, mp: int) -> None:
     """Raise a ConfigError if the model's sharded dimensions do not divide the mesh axes."""
     m, src = config.model, config.source
     fix = 'change "mesh" (or cores_per_replica) or the model shape'
-    for key, size in (("n_heads", m.n_heads), ("n_vocab", m.n_vocab), ("d_ff", m.ff_dim)):
+    for key, size in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("n_vocab", m.n_vocab), ("d_ff", m.ff_dim)):
         if size % mp:
             raise ConfigError(f"{src}: {key} ({size}) must be divisible by the mp (tensor-parallel) size {mp}; {fix}.")
     if m.d_model % fsdp:
@@ -408,6 +505,10 @@ def to_json_dict(config: Config) -> dict[str, Any]:
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             flat[f.name] = list(value) if isinstance(value, tuple) else value
+    if architecture_of(config.model).problems(config.model):
+        # Only an inferred architecture can be contradicted (a named one is checked when parsing).
+        # Leave it out, so that reading the dict infers it again rather than refusing the config.
+        del flat["architecture"]
     flat["cores_per_replica"] = config.cores_per_replica
     if config.mesh is not None:
         flat["mesh"] = dataclasses.asdict(config.mesh)

@@ -12,12 +12,13 @@ does, so scores are comparable with published ones:
 * ``loglikelihood_rolling``: a document is cut into the harness's rolling windows
   (``get_rolling_token_windows`` / ``make_disjoint_window``, one token of context), every token
   scored exactly once.
-* ``generate_until``: greedy (or sampled) continuation through ``sampling.Generator``, stopping at
+* ``generate_until``: greedy (or sampled) continuation through ``inference.engine.Generator``, stopping at
   the stop strings, the end-of-text token or ``max_gen_toks``; the prompt keeps its last
   ``max_length - max_gen_toks`` tokens.
 
-Scoring is one jitted forward of ``model.Transformer`` on the config's mesh: log-probabilities in
-float32 over the tokenizer's real vocabulary (padded ids never count; HFLM would include them, which
+Scoring is one jitted forward of ``models.transformer.Transformer`` on the config's mesh:
+log-probabilities in float32 over the tokenizer's real vocabulary (``models.outputs``; padded ids
+never count; HFLM would include them, which
 for GPT-J's 143 padded ids makes differences far below the reported precision). Requests are sorted
 by length and batched; every batch has ``batch_size`` rows and a power-of-two length, so a whole
 evaluation compiles one program per length bucket (at most log2(seq) of them, shared by later
@@ -55,8 +56,12 @@ except ImportError as e:  # an optional dependency: say how to get it
     raise ImportError(f"evaluation needs lm-evaluation-harness: pip install 'mesh-transformer[eval]' ({e})") from e
 
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config
+from mesh_transformer.inference.engine import Generator
+from mesh_transformer.inference.shapes import bucket_size
+from mesh_transformer.inference.text import SamplingParams
+from mesh_transformer.inference.weights import load_params
+from mesh_transformer.models.outputs import mask_padded_vocab, real_vocab_size, token_logprobs
 from mesh_transformer.models.transformer import Transformer, count_params
-from mesh_transformer.inference.engine import Generator, SamplingParams, bucket_size, load_params, mask_padded_vocab
 from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, traced_on
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 
@@ -77,9 +82,7 @@ def continuation_logprobs(cfg: ModelConfig, real_vocab: int, params, inputs, tar
     """Per row of (batch, length) arrays: the summed log-probability of ``targets`` where ``scored``,
     and whether each scored target is the most likely token. Padded vocabulary ids get no probability."""
     logits = mask_padded_vocab(Transformer(cfg).apply({"params": params}, inputs), real_vocab)
-    # log p(target) = logit - logsumexp, without materialising a second (batch, length, vocab) array.
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    target_logprobs = target_logits - jax.nn.logsumexp(logits, axis=-1)
+    target_logprobs, _ = token_logprobs(logits, targets, None)  # None: masked above
     is_greedy = jnp.argmax(logits, axis=-1) == targets
     return jnp.sum(jnp.where(scored, target_logprobs, 0.0), axis=-1), jnp.all(is_greedy | ~scored, axis=-1)
 
@@ -136,7 +139,7 @@ class MeshTransformerLM(TemplateLM):
         self.config = config if isinstance(config, Config) else load_config(config)
         self.mesh = mesh or make_mesh(self.config)
         self.tokenizer = tokenizer or load_tokenizer(self.config.run.tokenizer)
-        self.real_vocab = _real_vocab(self.config, self.tokenizer)
+        self.real_vocab = real_vocab_size(self.tokenizer, self.config.model.n_vocab, self.config.source)
         self._batch_size = _batch_size_argument(batch_size)
         self._max_length = _max_length_argument(max_length, self.config.model.seq)
         self._max_gen_toks = int(max_gen_toks)
@@ -245,8 +248,10 @@ class MeshTransformerLM(TemplateLM):
         # The decoding layout of the weights is a second copy; it lives only while generating.
         generator = Generator(self.config.model, self.params, self.tokenizer, self.mesh, max_batch=self.batch_size,
                               context=self.max_length)
-        arguments = [request.args for request in requests]
-        groups = Collator(arguments, sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]), group_by="gen_kwargs",
+        # (context, gen_kwargs, context ids): each context tokenized once, for sorting and as the prompt.
+        arguments = [(context, gen_kwargs, self.tok_encode(context)) for context, gen_kwargs in
+                     (request.args for request in requests)]
+        groups = Collator(arguments, sort_fn=lambda a: (-len(a[2]), a[0]), group_by="gen_kwargs",
                           group_fn=lambda a: a[1])
         texts = []
         with tqdm(total=len(requests), desc="generating", disable=disable_tqdm) as progress:
@@ -255,12 +260,12 @@ class MeshTransformerLM(TemplateLM):
                 progress.update(len(group))
         return groups.get_original(texts)
 
-    def _generate_group(self, generator: Generator, group: list[tuple[str, dict]]) -> list[str]:
+    def _generate_group(self, generator: Generator, group: list[tuple[str, dict, list[int]]]) -> list[str]:
         settings, prompt_limit = self.sampling_params(group[0][1])
-        prompts = [self.tok_encode(context)[-prompt_limit:] for context, _ in group]
+        prompts = [ids[-prompt_limit:] for _, _, ids in group]
         seeded = [dataclasses.replace(settings, seed=self.seed + i) for i in range(len(prompts))]
         completions = generator.generate(prompts, seeded)
-        for (context, gen_kwargs), completion in zip(group, completions):
+        for (context, gen_kwargs, _), completion in zip(group, completions):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), completion.text)
         return [completion.text for completion in completions]
 
@@ -282,14 +287,6 @@ class MeshTransformerLM(TemplateLM):
                                   top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
                                   stop=tuple(dict.fromkeys(s for s in stops if s)))
         return settings, self.max_length - max_gen_toks
-
-
-def _real_vocab(config: Config, tokenizer: Tokenizer) -> int:
-    """The ids that are real tokens; the embedding rows past them are padding."""
-    if tokenizer.vocab_size > config.model.n_vocab:
-        raise ConfigError(f"{config.source}: n_vocab ({config.model.n_vocab}) is smaller than the vocabulary of "
-                          f"tokenizer {config.run.tokenizer!r} ({tokenizer.vocab_size}); is it the model's tokenizer?")
-    return tokenizer.vocab_size
 
 
 def _batch_size_argument(value: int | str | None) -> int:

@@ -1,4 +1,5 @@
-"""Entry point under the original mesh-transformer-jax script name; see mesh_transformer.cli.create_tfrecords."""
+"""Turn text documents into TFRecords, under the original mesh-transformer-jax script name; also installed as
+``mtj-create-tfrecords`` (see docs/training.md). Thin wrapper over mesh_transformer.cli.create_tfrecords."""
 
 import os
 import sys
@@ -9,4 +10,4 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 from mesh_transformer.cli.create_tfrecords import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,14 @@
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import transformers
 
-from mesh_transformer.config import ConfigError, load_config, parse_config, to_json_dict
+from mesh_transformer.config import (ConfigError, ModelConfig, load_config, parse_config, read_config_dict,
+                                     to_json_dict)
+from mesh_transformer.convert.hf import hf_config_to_model_config
+from mesh_transformer.models.presets import PRESETS
 from mesh_transformer.sharding import make_mesh, resolve_mesh_shape
 from mesh_transformer.config import MeshConfig
 from tests.helpers import tiny_config
@@ -52,7 +57,10 @@ def test_model_dir_without_bucket_is_used_as_is():
         (dict(pe_rotary_dims=3), ["pe_rotary_dims"]),
         (dict(pe_rotary_dims=16), ["pe_rotary_dims (16)", "head size (8)"]),
         (dict(pe="t5"), ["'pe'", "rotary"]),
-        (dict(norm="rmsnorm"), ["'norm'", "layernorm"]),
+        (dict(norm="batchnorm"), ["'norm'", "layernorm"]),
+        (dict(mlp="moe"), ["'mlp'", "dense", "gated"]),
+        (dict(n_kv_heads=3), ["n_heads (4)", "n_kv_heads (3)"]),
+        (dict(n_kv_heads=0), ["'n_kv_heads'", "> 0"]),
         (dict(param_dtype="fp8"), ["'param_dtype'", "float32", "bfloat16"]),
         (dict(remat="some"), ["'remat'"]),
         (dict(total_steps=0), ["'total_steps'", "> 0"]),
@@ -89,6 +97,7 @@ def test_bad_json_file_names_the_file(tmp_path):
     [
         (dict(n_heads=2, d_model=32, cores_per_replica=4), "n_heads (2) must be divisible by the mp"),
         (dict(n_vocab=66, cores_per_replica=4), "n_vocab (66) must be divisible by the mp"),
+        (dict(n_kv_heads=2, cores_per_replica=4), "n_kv_heads (2) must be divisible by the mp"),
         (dict(d_model=36, n_heads=4, pe_rotary_dims=8, mesh={"dp": 1, "fsdp": 8, "mp": 1}), "d_model (36) must be divisible by the fsdp"),
         (dict(mesh={"dp": 3, "fsdp": 1, "mp": 4}), "needs 12 devices but 8 are available"),
         (dict(mesh={"dp": -1, "fsdp": 1, "mp": 3}), "not divisible by 3"),
@@ -106,3 +115,142 @@ def test_default_mesh_follows_the_original():
 
 def test_legacy_only_keys_are_accepted():
     parse_config(dict(BASE, early_cast=True, bf16_optimizer=False, eval_only=False, d_head=8))
+
+
+# ----- presets ("model") and "extends" -----
+
+# The published Hugging Face configs (config.json of each EleutherAI model): their shape keys; the rest
+# are the config classes' defaults, which those files keep. GPT-Neo: (hidden_size, num_layers, num_heads);
+# GPT-NeoX: (hidden_size, num_hidden_layers, num_attention_heads, vocab_size), all with rotary_pct 0.25.
+PUBLISHED_GPT_NEO = {"gpt-neo-125m": (768, 12, 12), "gpt-neo-1.3b": (2048, 24, 16), "gpt-neo-2.7b": (2560, 32, 20)}
+PUBLISHED_GPT_NEOX = {
+    "pythia-70m": (512, 6, 8, 50304), "pythia-160m": (768, 12, 12, 50304), "pythia-410m": (1024, 24, 16, 50304),
+    "pythia-1b": (2048, 16, 8, 50304), "pythia-1.4b": (2048, 24, 16, 50304), "pythia-2.8b": (2560, 32, 32, 50304),
+    "pythia-6.9b": (4096, 32, 32, 50432), "pythia-12b": (5120, 36, 40, 50688), "gpt-neox-20b": (6144, 44, 64, 50432),
+}
+PUBLISHED = {"gpt-j-6b", *PUBLISHED_GPT_NEO, *PUBLISHED_GPT_NEOX}
+
+
+def published_hf_config(preset: str):
+    if preset == "gpt-j-6b":
+        return transformers.GPTJConfig(vocab_size=50400, n_positions=2048, n_embd=4096, n_layer=28, n_head=16,
+                                       rotary_dim=64)
+    if preset in PUBLISHED_GPT_NEO:
+        d_model, layers, heads = PUBLISHED_GPT_NEO[preset]
+        return transformers.GPTNeoConfig(vocab_size=50257, max_position_embeddings=2048, hidden_size=d_model,
+                                         num_layers=layers, num_heads=heads,
+                                         attention_types=[[["global", "local"], layers // 2]])
+    d_model, layers, heads, vocab = PUBLISHED_GPT_NEOX[preset]
+    return transformers.GPTNeoXConfig(vocab_size=vocab, max_position_embeddings=2048, hidden_size=d_model,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      intermediate_size=4 * d_model, rotary_pct=0.25)
+
+
+# The shipped configs written with a preset, and the model keys they set on top of it (training choices).
+PRESET_CONFIGS = {
+    "gpt_neo_125M.json": "gpt-neo-125m", "gpt_neo_1.3B.json": "gpt-neo-1.3b", "gpt_neo_2.7B.json": "gpt-neo-2.7b",
+    "pythia_70m.json": "pythia-70m", "pythia_160m.json": "pythia-160m", "pythia_410m.json": "pythia-410m",
+    "pythia_1b.json": "pythia-1b", "pythia_1.4b.json": "pythia-1.4b", "pythia_2.8b.json": "pythia-2.8b",
+    "pythia_6.9b.json": "pythia-6.9b", "pythia_12b.json": "pythia-12b", "gpt_neox_20b.json": "gpt-neox-20b",
+}
+TRAINING_CHOICES = {"param_dtype", "compute_dtype", "remat", "scan_unroll"}
+
+
+def test_every_preset_is_checked_against_its_published_config():
+    assert PUBLISHED == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_a_preset_is_the_published_model(preset):
+    model = parse_config(dict(model=preset, lr=1e-3)).model
+    published = parse_config(dict(hf_config_to_model_config(published_hf_config(preset)), lr=1e-3)).model
+    assert dataclasses.replace(model, d_ff=model.ff_dim) == published
+
+
+@pytest.mark.parametrize("name,preset", PRESET_CONFIGS.items())
+def test_shipped_configs_name_a_preset_and_set_only_training_choices_of_the_model(name, preset):
+    raw = json.loads((CONFIGS / name).read_text())
+    assert raw["model"] == preset
+    model_keys = {key for key in raw if key in {f.name for f in dataclasses.fields(ModelConfig)}}
+    assert model_keys <= TRAINING_CHOICES, model_keys
+    shipped = load_config(str(CONFIGS / name)).model
+    from_preset = parse_config(dict(model=preset, lr=1e-3, **{k: raw[k] for k in model_keys})).model
+    assert shipped == from_preset
+
+
+def test_the_original_configs_keep_their_flat_keys():
+    for name in ("example_config.json", "6B_roto_256.json", "tiny_cpu.json"):
+        raw = json.loads((CONFIGS / name).read_text())
+        assert "model" not in raw and "architecture" not in raw and "layers" in raw
+
+
+def test_a_configs_own_keys_override_its_preset():
+    model = parse_config(dict(model="pythia-70m", layers=2, seq=64, lr=1e-3)).model
+    assert (model.layers, model.seq, model.d_model, model.rotary_style) == (2, 64, 512, "neox")
+
+
+def test_an_unknown_preset_is_one_line_with_close_matches():
+    with pytest.raises(ConfigError) as error:
+        parse_config(dict(model="pythia-400m", lr=1e-3), source="my.json")
+    message = str(error.value)
+    assert message.startswith("my.json: config key 'model' is 'pythia-400m'") and "\n" not in message
+    assert "Did you mean 'pythia-410m'" in message and "gpt-neox-20b" in message
+
+
+def write_json_file(path: Path, value: dict) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def test_extends_loads_the_base_relative_to_the_config_and_overrides_its_keys(tmp_path):
+    write_json_file(tmp_path / "bases" / "model.json", dict(BASE, layers=3, d_model=64))
+    write_json_file(tmp_path / "bases" / "run.json", dict(extends="model.json", lr=5e-4, total_steps=7))
+    path = write_json_file(tmp_path / "runs" / "mine.json", dict(extends="../bases/run.json", lr=1e-4))
+    config = load_config(path)
+    assert (config.model.layers, config.model.d_model, config.train.total_steps) == (3, 64, 7)
+    assert config.optimizer.lr == 1e-4 and config.source == path
+    assert "extends" not in read_config_dict(path)
+
+
+def test_extends_a_base_that_names_a_preset(tmp_path):
+    write_json_file(tmp_path / "base.json", dict(model="pythia-160m", lr=1e-3))
+    config = load_config(write_json_file(tmp_path / "small.json", dict(extends="base.json", layers=2)))
+    assert (config.model.layers, config.model.d_model, config.model.architecture) == (2, 768, "gpt_neox")
+
+
+def test_extends_reads_urls(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/cfg/base.json", json.dumps(dict(BASE, layers=5)).encode())
+    fs.pipe("/cfg/child.json", json.dumps(dict(extends="base.json", seq=32)).encode())
+    config = load_config("memory://cfg/child.json")
+    assert (config.model.layers, config.model.seq) == (5, 32)
+
+
+def test_an_extends_cycle_is_one_line_naming_the_files(tmp_path):
+    write_json_file(tmp_path / "a.json", dict(BASE, extends="b.json"))
+    write_json_file(tmp_path / "b.json", dict(extends="a.json"))
+    with pytest.raises(ConfigError) as error:
+        load_config(str(tmp_path / "a.json"))
+    message = str(error.value)
+    assert '"extends" forms a cycle' in message and "\n" not in message
+    assert f"{tmp_path / 'a.json'} -> {tmp_path / 'b.json'} -> {tmp_path / 'a.json'}" in message
+
+
+def test_a_missing_base_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*absent.json"):
+        load_config(write_json_file(tmp_path / "c.json", dict(BASE, extends="absent.json")))
+
+
+def test_extends_in_a_dict_says_to_read_the_file():
+    with pytest.raises(ConfigError, match='my.json: "extends" names a file relative to the config file'):
+        parse_config(dict(BASE, extends="base.json"), source="my.json")
+
+
+def test_a_named_architecture_round_trips_through_json():
+    cfg = parse_config(dict(model="pythia-70m", lr=1e-3))
+    flat = to_json_dict(cfg)
+    assert flat["architecture"] == "gpt_neox" and "model" not in flat
+    assert parse_config(json.loads(json.dumps(flat))) == cfg

@@ -115,3 +115,11 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_tests_mirror_the_packages():
+    """Each subpackage has its tests in the folder of the same name under tests/."""
+    tests = Path(__file__).resolve().parent
+    packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    missing = sorted(name for name in packages if not any((tests / name).glob("test_*.py")))
+    assert not missing, f"no tests/<package>/test_*.py for: {missing}"

@@ -1,6 +1,7 @@
 """tpu_setup/: the gcloud commands each script runs (through --dry-run), shellcheck, and train.py --tpu
 driving a (fake) slice through a preemption. Nothing here contacts Google Cloud: dry runs only print,
-and the last test puts a fake ``gcloud`` first on PATH.
+and the last test puts a fake ``gcloud`` first on PATH. The scripts are run by their documented path,
+the checkout's tpu_setup/ link to mesh_transformer/tpu_setup/ (test_tpu.py checks the package side).
 """
 
 import json

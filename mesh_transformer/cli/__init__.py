@@ -1,4 +1,8 @@
-"""Command-line entry points; each module parses arguments, calls the package, and reports."""
+"""Command-line entry points; each module parses arguments, calls the package, and reports.
+
+Each module is one command: a console script in pyproject.toml (``mtj-...``), and for the original
+script names also a file at the top of a checkout (``device_train.py``...); its docstring names both.
+"""
 
 import argparse
 

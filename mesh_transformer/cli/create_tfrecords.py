@@ -1,4 +1,5 @@
-"""Command line: turn text documents into mesh-transformer-jax TFRecords.
+"""``scripts/create_finetune_tfrecords.py`` and ``mtj-create-tfrecords``: turn text documents into
+mesh-transformer-jax TFRecords.
 
     create_finetune_tfrecords.py INPUT NAME --output-dir DIR [options]
 

@@ -1,4 +1,5 @@
-"""The two-minute tour: train a tiny GPT-J on CPU from Python's own standard-library source.
+"""``mtj-demo`` (also ``python -m mesh_transformer.cli.demo``), the two-minute tour: train a tiny GPT-J
+on CPU from Python's own standard-library source.
 
 Builds a corpus from the stdlib ``.py`` files on this machine (no download), turns it into
 tfrecords, trains ``configs/tiny_cpu.json`` with checkpoints and metrics under ``demo_run/``, and
@@ -19,7 +20,8 @@ from mesh_transformer import storage
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
 from mesh_transformer.config import load_config
 from mesh_transformer.training.run import TrainOptions, train
-from mesh_transformer.inference.engine import SamplingParams, load_generator
+from mesh_transformer.inference.engine import load_generator
+from mesh_transformer.inference.text import SamplingParams
 
 log = logging.getLogger(__name__)
 

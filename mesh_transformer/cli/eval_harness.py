@@ -1,5 +1,5 @@
-"""``eval_harness.py``: score a model on lm-evaluation-harness tasks, print the harness's table and
-write its results JSON.
+"""``eval_harness.py`` and ``mtj-eval-harness``: score a model on lm-evaluation-harness tasks, print the
+harness's table and write its results JSON.
 
 The model is a config and one of its checkpoints (native, imported from Hugging Face, or a
 mesh-transformer-jax checkpoint), sharded on the config's mesh. Task names are checked before the

@@ -51,13 +51,16 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS = {"import": import_main, "export": export_main}
+USAGE = "usage: mtj-hf {import,export} ...  (--help after the command for options)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print("usage: mtj-hf {import,export} ...  (--help after the command for options)",
-              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -1,4 +1,5 @@
-"""``mtj-plan``: will a config fit a TPU slice or GPUs, and how fast might it train? (no accelerator needed)"""
+"""``mtj-plan`` (also ``python -m mesh_transformer.plan``): will a config fit a TPU slice or GPUs, and how
+fast might it train? (no accelerator needed)"""
 
 from __future__ import annotations
 
@@ -110,8 +111,9 @@ def _plan_as_given(config, target, searching: bool):
 
 def _write_config(source_path: str, plan, out: str) -> None:
     from mesh_transformer import storage
+    from mesh_transformer.config import read_config_dict
 
-    raw = json.loads(storage.read_text(source_path))
+    raw = read_config_dict(source_path)  # "extends" resolved: the written file may live elsewhere
     t = plan.config.train
     raw.update({"mesh": plan.mesh_shape, "remat": plan.config.model.remat, "per_replica_batch": t.per_replica_batch,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps, "slice": plan.target.name})

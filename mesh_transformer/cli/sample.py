@@ -1,4 +1,4 @@
-"""``device_sample.py``: sample from a checkpoint.
+"""``device_sample.py`` and ``mtj-sample``: sample from a checkpoint.
 
 Without --prompt / --prompt-file: the original's interactive loop ("Type input:", Ctrl-D to quit).
 With them: prints each completion; under --json, one JSON object per prompt and line with
@@ -19,7 +19,8 @@ from pathlib import Path
 from mesh_transformer.cli import add_model_arguments
 from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.inference.engine import MAX_TOP_LOGPROBS, Completion, Generator, SamplingParams, load_generator
+from mesh_transformer.inference.engine import Generator, load_generator
+from mesh_transformer.inference.text import MAX_TOP_LOGPROBS, Completion, SamplingParams
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""``device_serve.py``: serve a checkpoint over HTTP (the original /complete, OpenAI-compatible /v1/...).
+"""``device_serve.py`` and ``mtj-serve``: serve a checkpoint over HTTP (the original /complete,
+OpenAI-compatible /v1/...).
 
     python device_serve.py --config CFG [--host 127.0.0.1] [--port 5000] [--api-key KEY]
 """

@@ -1,4 +1,5 @@
-"""``to_hf_weights.py``: export a checkpoint as a Hugging Face model directory (GPT-J, GPT-Neo or GPT-NeoX).
+"""``to_hf_weights.py`` and ``mtj-to-hf`` (also ``mtj-hf export``): export a checkpoint as a Hugging Face
+model directory (GPT-J, GPT-Neo or GPT-NeoX).
 
 The architecture follows from the config (``pe: fixed`` is GPT-Neo, ``rotary_style: neox`` GPT-NeoX,
 otherwise GPT-J). The output loads with ``AutoModelForCausalLM.from_pretrained(OUTPUT_PATH)``.

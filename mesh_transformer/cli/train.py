@@ -1,4 +1,7 @@
-"""``device_train.py``: train or fine-tune from a JSON config, resuming from the latest checkpoint."""
+"""``device_train.py`` and ``mtj-train``: train or fine-tune from a JSON config in this process, resuming
+from the latest checkpoint. One host, or one process per host of a multi-host run (--coordinator-address),
+without Ray or retries; for those, the pod launcher ``train.py`` / ``mtj-pod`` (cli/pod.py). The training
+run itself is ``mesh_transformer.training.run``; its jitted steps are in ``training.steps``."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""Conversion between our checkpoints and Hugging Face ``GPTJForCausalLM``, ``GPTNeoForCausalLM`` and
-``GPTNeoXForCausalLM`` (export, import, and the config mapping both ways).
+"""Conversion between our checkpoints and the Hugging Face class of each architecture (``GPTJForCausalLM``,
+``GPTNeoForCausalLM``, ...): export, import, and the config mapping both ways.
 
-One TABLE per architecture (``GPTJ``, ``GPT_NEO``, ``GPT_NEOX`` below) lists, for each of our
-parameters, the Hugging Face tensor it becomes and how the array is transformed (copied, transposed,
-or fused into GPT-NeoX's ``query_key_value``). Export and import both read the same table, so a
-round trip reproduces every tensor bit for bit.
+Each architecture's module (``models/gptj.py``, ``models/gpt_neo.py``, ..., listed in
+``models/registry.py``) holds its table: for each of our parameters, the Hugging Face tensor it
+becomes and how the array is transformed (copied, transposed, or fused into GPT-NeoX's
+``query_key_value``), and its Hugging Face config reader and writer. Export and import both read the
+same table, so a round trip reproduces every tensor bit for bit. Safetensors files are read and
+written by ``convert/safetensors.py``.
 
 Export streams: one parameter is restored from the checkpoint at a time, converted layer by layer,
 and written straight into safetensors shards whose headers are planned up front. Host memory beyond
@@ -19,33 +21,34 @@ usable by ``device_train.py``; it holds the model (and its fresh optimizer state
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import operator
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mesh_transformer import storage
-from mesh_transformer.convert import legacy
 from mesh_transformer.config import Config, ConfigError, ModelConfig, parse_config
+from mesh_transformer.convert import legacy
+from mesh_transformer.convert.native import save_step_zero
+from mesh_transformer.convert.safetensors import (DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, SAFETENSORS_DTYPE_CODES,
+                                                  SafetensorsWeights, ShardedSafetensorsWriter, numpy_dtype,
+                                                  plan_shards, write_json)
+from mesh_transformer.errors import ConversionError
+from mesh_transformer.models.architecture import Architecture, Rule, refuse
+from mesh_transformer.models.registry import architecture_of, architecture_of_hf, architecture_of_hf_config
+from mesh_transformer.training.steps import Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # Hugging Face's own default shard size
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 OUTPUT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-SAFETENSORS_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 CHECKPOINT_SUBDIR = "checkpoint"
 TOKENIZER_SUBDIR = "tokenizer"
 # Files a transformers tokenizer may consist of; copied byte for byte so nothing is re-serialised.
@@ -53,234 +56,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json", "tokenizer.model", "spiece.model", "chat_template.jinja")
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model")
 GPT2_EOS_ID = 50256  # the original exporter's bos/eos, used when the tokenizer cannot be loaded
-# HF activation names with the exact function each of ours computes ("gelu_pytorch_tanh" is gelu_new).
-HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_new"}
-
-
-class ConversionError(ValueError):
-    """Tensors or files that do not match what the config says; the message names both."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Array transforms: our layout <-> Hugging Face layout, for one layer's arrays.
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Transform:
-    to_hf: Callable[[list[np.ndarray], ModelConfig], np.ndarray]  # our arrays -> one HF tensor
-    from_hf: Callable[[np.ndarray, ModelConfig], tuple[np.ndarray, ...]]  # HF tensor -> our arrays
-    hf_shape: Callable[[list[tuple[int, ...]], ModelConfig], tuple[int, ...]]
-
-
-def _qkv_heads_view(m: ModelConfig) -> tuple[int, int, int]:
-    # GPT-NeoX views its fused projection output as (heads, 3 * head_dim): per head q, then k, then v.
-    return m.n_heads, 3, m.head_dim
-
-
-def _fuse_qkv_weight(arrays: list[np.ndarray], m: ModelConfig) -> np.ndarray:
-    d_model = arrays[0].shape[0]
-    per_head = [a.T.reshape(m.n_heads, 1, m.head_dim, d_model) for a in arrays]  # (in, out) -> (out, in)
-    return np.concatenate(per_head, axis=1).reshape(3 * m.n_heads * m.head_dim, d_model)
-
-
-def _split_qkv_weight(fused: np.ndarray, m: ModelConfig) -> tuple[np.ndarray, ...]:
-    d_model = fused.shape[1]
-    grouped = fused.reshape(*_qkv_heads_view(m), d_model)
-    return tuple(np.ascontiguousarray(grouped[:, j].reshape(-1, d_model).T) for j in range(3))
-
-
-def _fuse_qkv_bias(arrays: list[np.ndarray], m: ModelConfig) -> np.ndarray:
-    per_head = [a.reshape(m.n_heads, 1, m.head_dim) for a in arrays]
-    return np.concatenate(per_head, axis=1).reshape(-1)
-
-
-def _split_qkv_bias(fused: np.ndarray, m: ModelConfig) -> tuple[np.ndarray, ...]:
-    grouped = fused.reshape(_qkv_heads_view(m))
-    return tuple(np.ascontiguousarray(grouped[:, j].reshape(-1)) for j in range(3))
-
-
-COPY = Transform(to_hf=lambda a, m: a[0], from_hf=lambda x, m: (x,), hf_shape=lambda s, m: tuple(s[0]))
-# Flax Dense kernels are (in, out); torch Linear weights are (out, in).
-LINEAR = Transform(to_hf=lambda a, m: np.ascontiguousarray(a[0].T), from_hf=lambda x, m: (np.ascontiguousarray(x.T),),
-                   hf_shape=lambda s, m: tuple(reversed(s[0])))
-QKV_WEIGHT = Transform(to_hf=_fuse_qkv_weight, from_hf=_split_qkv_weight,
-                       hf_shape=lambda s, m: (3 * s[0][1], s[0][0]))
-QKV_BIAS = Transform(to_hf=_fuse_qkv_bias, from_hf=_split_qkv_bias, hf_shape=lambda s, m: (3 * s[0][0],))
-
-
-# ----------------------------------------------------------------------------------------------
-# The per-architecture tables.
-# ----------------------------------------------------------------------------------------------
-
-def _always(m: ModelConfig) -> bool:
-    return True
-
-
-def _untied(m: ModelConfig) -> bool:
-    return not m.tie_embeddings
-
-
-def _attention_bias(m: ModelConfig) -> bool:
-    return m.qkv_bias
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Our parameter(s) -> one Hugging Face tensor. ``{i}`` in ``hf`` marks a per-layer tensor."""
-
-    ours: tuple[str, ...]
-    hf: str
-    transform: Transform = COPY
-    when: Callable[[ModelConfig], bool] = _always
-    aliases: tuple[str, ...] = ()  # other names the tensor has in published checkpoints (import only)
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.hf
-
-    def hf_names(self, m: ModelConfig) -> list[str]:
-        return [self.hf.format(i=i) for i in range(m.layers)] if self.per_layer else [self.hf]
-
-
-def _rule(ours: str | tuple[str, ...], hf: str, transform: Transform = COPY, **kwargs) -> Rule:
-    return Rule((ours,) if isinstance(ours, str) else ours, hf, transform, **kwargs)
-
-
-def _norm_rules(ours: str, hf: str) -> tuple[Rule, Rule]:
-    return _rule(f"{ours}/scale", f"{hf}.weight"), _rule(f"{ours}/bias", f"{hf}.bias")
-
-
-def _linear_rules(ours: str, hf: str, bias: bool | Callable[[ModelConfig], bool]) -> tuple[Rule, ...]:
-    weight = _rule(f"{ours}/kernel", f"{hf}.weight", LINEAR)
-    if bias is False:
-        return (weight,)
-    when = _always if bias is True else bias
-    return weight, _rule(f"{ours}/bias", f"{hf}.bias", when=when)
-
-
-QKV = tuple(f"blocks/attn/{p}_proj" for p in "qkv")
-
-GPTJ_TABLE: tuple[Rule, ...] = (
-    _rule("wte/embedding", "transformer.wte.weight"),
-    *_norm_rules("blocks/ln_1", "transformer.h.{i}.ln_1"),
-    *_linear_rules("blocks/attn/q_proj", "transformer.h.{i}.attn.q_proj", bias=False),
-    *_linear_rules("blocks/attn/k_proj", "transformer.h.{i}.attn.k_proj", bias=False),
-    *_linear_rules("blocks/attn/v_proj", "transformer.h.{i}.attn.v_proj", bias=False),
-    *_linear_rules("blocks/attn/out_proj", "transformer.h.{i}.attn.out_proj", bias=False),
-    *_linear_rules("blocks/mlp/fc_in", "transformer.h.{i}.mlp.fc_in", bias=True),
-    *_linear_rules("blocks/mlp/fc_out", "transformer.h.{i}.mlp.fc_out", bias=True),
-    *_norm_rules("ln_f", "transformer.ln_f"),
-    *_linear_rules("lm_head", "lm_head", bias=True),
-)
-
-GPT_NEO_TABLE: tuple[Rule, ...] = (
-    _rule("wte/embedding", "transformer.wte.weight"),
-    _rule("wpe/embedding", "transformer.wpe.weight"),
-    *_norm_rules("blocks/ln_1", "transformer.h.{i}.ln_1"),
-    *_linear_rules("blocks/attn/q_proj", "transformer.h.{i}.attn.attention.q_proj", bias=False),
-    *_linear_rules("blocks/attn/k_proj", "transformer.h.{i}.attn.attention.k_proj", bias=False),
-    *_linear_rules("blocks/attn/v_proj", "transformer.h.{i}.attn.attention.v_proj", bias=False),
-    *_linear_rules("blocks/attn/out_proj", "transformer.h.{i}.attn.attention.out_proj", bias=True),
-    *_norm_rules("blocks/ln_2", "transformer.h.{i}.ln_2"),
-    *_linear_rules("blocks/mlp/fc_in", "transformer.h.{i}.mlp.c_fc", bias=True),
-    *_linear_rules("blocks/mlp/fc_out", "transformer.h.{i}.mlp.c_proj", bias=True),
-    *_norm_rules("ln_f", "transformer.ln_f"),
-    _rule("lm_head/kernel", "lm_head.weight", LINEAR, when=_untied),
-)
-
-GPT_NEOX_TABLE: tuple[Rule, ...] = (
-    _rule("wte/embedding", "gpt_neox.embed_in.weight"),
-    *_norm_rules("blocks/ln_1", "gpt_neox.layers.{i}.input_layernorm"),
-    *_norm_rules("blocks/ln_2", "gpt_neox.layers.{i}.post_attention_layernorm"),
-    _rule(tuple(f"{p}/kernel" for p in QKV), "gpt_neox.layers.{i}.attention.query_key_value.weight", QKV_WEIGHT),
-    _rule(tuple(f"{p}/bias" for p in QKV), "gpt_neox.layers.{i}.attention.query_key_value.bias", QKV_BIAS,
-          when=_attention_bias),
-    *_linear_rules("blocks/attn/out_proj", "gpt_neox.layers.{i}.attention.dense", bias=_attention_bias),
-    *_linear_rules("blocks/mlp/fc_in", "gpt_neox.layers.{i}.mlp.dense_h_to_4h", bias=True),
-    *_linear_rules("blocks/mlp/fc_out", "gpt_neox.layers.{i}.mlp.dense_4h_to_h", bias=True),
-    *_norm_rules("ln_f", "gpt_neox.final_layer_norm"),
-    # Published GPT-NeoX checkpoints (and transformers' save_pretrained) call the output layer embed_out.
-    _rule("lm_head/kernel", "embed_out.weight", LINEAR, when=_untied, aliases=("lm_head.weight",)),
-)
-
-
-@dataclass(frozen=True)
-class Fixed:
-    """A ModelConfig value the Hugging Face class hard-codes; anything else cannot be exported."""
-
-    key: str
-    required: Any
-    why: str
-    get: Callable[[ModelConfig], Any] | None = None
-
-    def value(self, m: ModelConfig) -> Any:
-        return self.get(m) if self.get else getattr(m, self.key)
-
-
-_ALL_GLOBAL = Fixed("attention_layers", False, "every layer attends globally (no local attention)",
-                    get=operator.attrgetter("has_local_attention"))
-
-
-@dataclass(frozen=True)
-class Architecture:
-    name: str
-    model_type: str
-    hf_class: str
-    table: tuple[Rule, ...]
-    fixed: tuple[Fixed, ...]
-    # Buffers that older checkpoints saved next to the weights; not parameters, so skipped on import.
-    ignored: re.Pattern
-
-    def rules(self, m: ModelConfig) -> list[Rule]:
-        return [rule for rule in self.table if rule.when(m)]
-
-
-GPTJ = Architecture(
-    name="GPT-J", model_type="gptj", hf_class="GPTJForCausalLM", table=GPTJ_TABLE,
-    fixed=(
-        Fixed("pe", "rotary", "GPT-J uses rotary position embeddings"),
-        Fixed("rotary_style", "gptj", "GPT-J rotates interleaved pairs"),
-        Fixed("rotary_base", 10000.0, "GPT-J's rotary base is hard-coded"),
-        Fixed("residual", "parallel", "attention and MLP read the same normed input"),
-        Fixed("separate_mlp_norm", False, "GPT-J has one LayerNorm per layer (ln_1)"),
-        Fixed("qkv_bias", False, "GPT-J's q/k/v projections have no bias"),
-        Fixed("out_bias", False, "GPT-J's out_proj has no bias"),
-        Fixed("scale_attention", True, "GPT-J scales attention scores by 1/sqrt(head_dim)"),
-        _ALL_GLOBAL,
-        Fixed("tie_embeddings", False, "GPT-J's lm_head has its own weight"),
-        Fixed("lm_head_bias", True, "GPT-J's lm_head has a bias"),
-    ),
-    ignored=re.compile(r"\.attn\.(bias|masked_bias)$"),
-)
-
-GPT_NEO = Architecture(
-    name="GPT-Neo", model_type="gpt_neo", hf_class="GPTNeoForCausalLM", table=GPT_NEO_TABLE,
-    fixed=(
-        Fixed("pe", "fixed", "GPT-Neo uses learned absolute positions (wpe)"),
-        Fixed("residual", "sequential", "GPT-Neo adds attention, then the MLP, to the residual"),
-        Fixed("separate_mlp_norm", True, "GPT-Neo has a second LayerNorm (ln_2) before the MLP"),
-        Fixed("qkv_bias", False, "GPT-Neo's q/k/v projections have no bias"),
-        Fixed("out_bias", True, "GPT-Neo's out_proj has a bias"),
-        Fixed("scale_attention", False, "GPT-Neo does not scale attention scores"),
-        Fixed("lm_head_bias", False, "GPT-Neo's lm_head has no bias"),
-    ),
-    ignored=re.compile(r"\.attn\.attention\.(bias|masked_bias)$"),
-)
-
-GPT_NEOX = Architecture(
-    name="GPT-NeoX", model_type="gpt_neox", hf_class="GPTNeoXForCausalLM", table=GPT_NEOX_TABLE,
-    fixed=(
-        Fixed("pe", "rotary", "GPT-NeoX uses rotary position embeddings"),
-        Fixed("rotary_style", "neox", "GPT-NeoX rotates the two halves of the rotary dims"),
-        Fixed("separate_mlp_norm", True, "GPT-NeoX has a second LayerNorm (post_attention_layernorm)"),
-        Fixed("scale_attention", True, "GPT-NeoX scales attention scores by 1/sqrt(head_dim)"),
-        _ALL_GLOBAL,
-        Fixed("lm_head_bias", False, "GPT-NeoX's output layer (embed_out) has no bias"),
-    ),
-    ignored=re.compile(r"\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$"),
-)
-
-ARCHITECTURES = {arch.model_type: arch for arch in (GPTJ, GPT_NEO, GPT_NEOX)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,50 +65,17 @@ ARCHITECTURES = {arch.model_type: arch for arch in (GPTJ, GPT_NEO, GPT_NEOX)}
 def architecture_for(m: ModelConfig, source: str = "config") -> Architecture:
     """The Hugging Face architecture a ModelConfig exports to; ConfigError if HF cannot represent it exactly.
 
-    ``pe: fixed`` is GPT-Neo, ``rotary_style: neox`` is GPT-NeoX, anything else GPT-J.
+    That is the config's architecture: named, or inferred from the flat keys (models/registry.py).
     """
-    if m.pe == "fixed":
-        arch, reason = GPT_NEO, "pe is 'fixed'"
-    elif m.rotary_style == "neox":
-        arch, reason = GPT_NEOX, "rotary_style is 'neox'"
-    else:
-        arch, reason = GPTJ, "pe is 'rotary' with rotary_style 'gptj'"
-    prefix = f"{source}: cannot export to Hugging Face {arch.hf_class} (chosen because {reason})"
-    for fixed in arch.fixed:
-        if fixed.value(m) != fixed.required:
-            shown = fixed.value(m) if fixed.get is None else list(m.attention_layers)
-            raise ConfigError(f"{prefix}: {fixed.key} is {json.dumps(shown)} but must be "
-                              f"{json.dumps(fixed.required) if fixed.get is None else 'all global'} "
-                              f"({fixed.why}).")
-    _check_common(m, arch, prefix)
-    return arch
-
-
-def _check_common(m: ModelConfig, arch: Architecture, prefix: str) -> None:
+    arch = architecture_of(m)
+    prefix = f"{source}: cannot export to Hugging Face {arch.hf_class} (architecture {arch.name!r})"
+    problems = arch.problems(m)
+    if problems:
+        raise ConfigError(f"{prefix}: {problems[0]}")
     if m.d_head is not None and m.d_head * m.n_heads != m.d_model:
-        raise ConfigError(f"{prefix}: d_head is {m.d_head} but {arch.name} derives the head size as "
+        raise ConfigError(f"{prefix}: d_head is {m.d_head} but {arch.title} derives the head size as "
                           f"d_model / n_heads = {m.d_model / m.n_heads:g}; remove d_head or make them agree.")
-    if arch is GPT_NEOX:
-        if m.qkv_bias != m.out_bias:
-            raise ConfigError(f"{prefix}: qkv_bias is {json.dumps(m.qkv_bias)} but out_bias is "
-                              f"{json.dumps(m.out_bias)}; GPT-NeoX has one switch (attention_bias) for both, "
-                              "so they must be equal.")
-        if int(m.head_dim * _rotary_fraction(m)) != m.rotary_dims:
-            raise ConfigError(f"{prefix}: pe_rotary_dims {m.rotary_dims} cannot be written as a fraction of the "
-                              f"head size {m.head_dim} that GPT-NeoX reads back exactly.")
-
-
-def _rotary_fraction(m: ModelConfig) -> float:
-    return m.rotary_dims / m.head_dim
-
-
-def _attention_types(kinds: Sequence[str]) -> list:
-    """GPT-Neo's compressed form [[pattern, repeats]] of the per-layer attention kinds (shortest pattern)."""
-    for period in range(1, len(kinds) + 1):
-        pattern = list(kinds[:period])
-        if len(kinds) % period == 0 and pattern * (len(kinds) // period) == list(kinds):
-            return [[pattern, len(kinds) // period]]
-    raise AssertionError("unreachable: the whole list is always its own pattern")
+    return arch
 
 
 def _special_token_ids(m: ModelConfig, tokenizer_info: Any) -> dict[str, int | None]:
@@ -350,26 +92,6 @@ def _special_token_ids(m: ModelConfig, tokenizer_info: Any) -> dict[str, int | N
     return {"bos_token_id": eos if bos is None else int(bos), "eos_token_id": int(eos) if eos is not None else None}
 
 
-def _hf_model_kwargs(arch: Architecture, m: ModelConfig) -> dict[str, Any]:
-    if arch is GPTJ:
-        return dict(vocab_size=m.n_vocab, n_positions=m.seq, n_embd=m.d_model, n_layer=m.layers, n_head=m.n_heads,
-                    rotary_dim=m.rotary_dims, n_inner=m.d_ff, activation_function=m.activation,
-                    layer_norm_epsilon=m.layer_norm_eps, tie_word_embeddings=False)
-    if arch is GPT_NEO:
-        kinds = m.attention_layers or ("global",) * m.layers
-        return dict(vocab_size=m.n_vocab, max_position_embeddings=m.seq, hidden_size=m.d_model, num_layers=m.layers,
-                    num_heads=m.n_heads, attention_types=_attention_types(kinds), window_size=m.window_size,
-                    intermediate_size=m.d_ff, activation_function=m.activation, layer_norm_epsilon=m.layer_norm_eps,
-                    tie_word_embeddings=m.tie_embeddings)
-    return dict(vocab_size=m.n_vocab, max_position_embeddings=m.seq, hidden_size=m.d_model,
-                num_hidden_layers=m.layers, num_attention_heads=m.n_heads, intermediate_size=m.ff_dim,
-                hidden_act=m.activation, layer_norm_eps=m.layer_norm_eps,
-                use_parallel_residual=m.residual == "parallel", attention_bias=m.qkv_bias,
-                tie_word_embeddings=m.tie_embeddings,
-                rope_parameters={"rope_type": "default", "rope_theta": m.rotary_base,
-                                 "partial_rotary_factor": _rotary_fraction(m)})
-
-
 def config_to_hf(model_cfg: ModelConfig, tokenizer_info: Any = None, source: str = "config", dtype: str | None = None):
     """The ``transformers`` config of the architecture ``model_cfg`` exports to.
 
@@ -380,95 +102,22 @@ def config_to_hf(model_cfg: ModelConfig, tokenizer_info: Any = None, source: str
     from transformers import AutoConfig
 
     arch = architecture_for(model_cfg, source)
-    kwargs = _hf_model_kwargs(arch, model_cfg)
+    kwargs = arch.hf_config_kwargs(model_cfg)
     kwargs.update(_special_token_ids(model_cfg, tokenizer_info))
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoConfig.for_model(arch.model_type, architectures=[arch.hf_class], **kwargs)
-
-
-def _legacy_hf_config_keys(model_cfg: ModelConfig) -> dict[str, Any]:
-    """Keys transformers 4.x reads instead of rope_parameters, so older versions load the export too."""
-    if architecture_for(model_cfg) is GPT_NEOX:
-        return {"rotary_pct": _rotary_fraction(model_cfg), "rotary_emb_base": model_cfg.rotary_base}
-    return {}
-
-
-def _hf_activation(name: str, field: str) -> str:
-    if name not in HF_ACTIVATIONS:
-        raise ConfigError(f"Hugging Face config: {field} is {name!r}; supported: {', '.join(HF_ACTIVATIONS)}.")
-    return HF_ACTIVATIONS[name]
-
-
-def _refuse(condition: bool, message: str) -> None:
-    if condition:
-        raise ConfigError(f"Hugging Face config: {message}")
-
-
-def _gptj_model_keys(c) -> dict[str, Any]:
-    _refuse(c.rotary_dim is None, "rotary_dim is null (rotary over the whole model width); "
-                                  "only per-head rotary dims (an even number <= head size) are supported.")
-    _refuse(bool(c.tie_word_embeddings), "tie_word_embeddings is true, but GPT-J's lm_head has a bias and "
-                                         "we only tie bias-free output layers; expected false.")
-    return dict(layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, seq=c.n_positions, pe="rotary",
-                pe_rotary_dims=c.rotary_dim, rotary_style="gptj", rotary_base=10000.0,
-                d_ff=c.n_inner or 4 * c.n_embd, activation=_hf_activation(c.activation_function, "activation_function"),
-                layer_norm_eps=c.layer_norm_epsilon, residual="parallel", separate_mlp_norm=False, qkv_bias=False,
-                out_bias=False, scale_attention=True, tie_embeddings=False, lm_head_bias=True)
-
-
-def _gpt_neo_model_keys(c) -> dict[str, Any]:
-    return dict(layers=c.num_layers, d_model=c.hidden_size, n_heads=c.num_heads, seq=c.max_position_embeddings,
-                pe="fixed", d_ff=c.intermediate_size or 4 * c.hidden_size,
-                activation=_hf_activation(c.activation_function, "activation_function"),
-                layer_norm_eps=c.layer_norm_epsilon, residual="sequential", separate_mlp_norm=True, qkv_bias=False,
-                out_bias=True, scale_attention=False, attention_layers=list(c.attention_layers),
-                window_size=c.window_size, tie_embeddings=bool(c.tie_word_embeddings), lm_head_bias=False)
-
-
-def _gpt_neox_model_keys(c) -> dict[str, Any]:
-    rope = dict(c.rope_parameters or {})
-    _refuse(rope.get("rope_type", "default") != "default",
-            f"rope_parameters.rope_type is {rope.get('rope_type')!r} (RoPE scaling); only 'default' is supported.")
-    head_dim = c.hidden_size // c.num_attention_heads
-    rotary_dims = int(head_dim * rope.get("partial_rotary_factor", 1.0))
-    _refuse(rotary_dims < 2 or rotary_dims % 2,
-            f"partial_rotary_factor {rope.get('partial_rotary_factor')} gives {rotary_dims} rotary dims per head "
-            f"(head size {head_dim}); expected an even number >= 2.")
-    return dict(layers=c.num_hidden_layers, d_model=c.hidden_size, n_heads=c.num_attention_heads,
-                seq=c.max_position_embeddings, pe="rotary", pe_rotary_dims=rotary_dims, rotary_style="neox",
-                rotary_base=float(rope.get("rope_theta", 10000.0)), d_ff=c.intermediate_size,
-                activation=_hf_activation(c.hidden_act, "hidden_act"), layer_norm_eps=c.layer_norm_eps,
-                residual="parallel" if c.use_parallel_residual else "sequential", separate_mlp_norm=True,
-                qkv_bias=bool(c.attention_bias), out_bias=bool(c.attention_bias), scale_attention=True,
-                tie_embeddings=bool(c.tie_word_embeddings), lm_head_bias=False)
-
-
-HF_CONFIG_READERS = {"gptj": _gptj_model_keys, "gpt_neo": _gpt_neo_model_keys, "gpt_neox": _gpt_neox_model_keys}
-
-
-def _unsupported_architecture(model_type: Any, architectures: Any) -> ConfigError:
-    supported = ", ".join(f"{a.hf_class} (model_type {a.model_type!r})" for a in ARCHITECTURES.values())
-    return ConfigError(f"unsupported Hugging Face architecture: model_type {model_type!r}, architectures "
-                       f"{architectures}; supported: {supported}.")
-
-
-def architecture_of_hf_config(hf_config) -> Architecture:
-    model_type = getattr(hf_config, "model_type", None)
-    architectures = getattr(hf_config, "architectures", None)
-    arch = ARCHITECTURES.get(model_type)
-    if arch is None or (architectures and arch.hf_class not in architectures):
-        raise _unsupported_architecture(model_type, architectures)
-    return arch
+    return AutoConfig.for_model(arch.hf_model_type, architectures=[arch.hf_class], **kwargs)
 
 
 def hf_config_to_model_config(hf_config) -> dict[str, Any]:
-    """Our model config keys for a transformers GPT-J / GPT-Neo / GPT-NeoX config (ConfigError otherwise)."""
+    """Our model config keys for a transformers config of a supported architecture (ConfigError otherwise).
+
+    The architecture is named, so its fixed values and defaults fill in what the HF config does not set.
+    """
     arch = architecture_of_hf_config(hf_config)
-    keys = HF_CONFIG_READERS[arch.model_type](hf_config)
-    keys["n_vocab"] = hf_config.vocab_size
-    _refuse(keys["d_model"] % keys["n_heads"] != 0,
-            f"hidden size {keys['d_model']} is not divisible by the number of heads {keys['n_heads']}.")
+    keys = {"architecture": arch.name, **arch.model_keys_from_hf(hf_config), "n_vocab": hf_config.vocab_size}
+    refuse(keys["d_model"] % keys["n_heads"] != 0,
+           f"hidden size {keys['d_model']} is not divisible by the number of heads {keys['n_heads']}.")
     return keys
 
 
@@ -502,13 +151,10 @@ def unflatten_params(flat: dict[str, Any]) -> dict:
 def expected_param_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of every parameter the model has (blocks/... stacked on a leading layers axis); no compute."""
     import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
 
-    from mesh_transformer.models.transformer import Transformer
+    from mesh_transformer.models.transformer import abstract_params
 
-    abstract = jax.eval_shape(lambda: Transformer(m).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return {path: tuple(leaf.shape) for path, leaf in flatten_params(nn.unbox(abstract["params"])).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten_params(nn.unbox(abstract_params(m))).items()}
 
 
 def _per_layer(shape: tuple[int, ...], rule: Rule) -> tuple[int, ...]:
@@ -524,7 +170,7 @@ def check_table_covers(arch: Architecture, m: ModelConfig, shapes: dict[str, tup
     """Every parameter of the model is converted by exactly one active rule (a table bug otherwise)."""
     covered = [path for rule in arch.rules(m) for path in rule.ours]
     if sorted(covered) != sorted(shapes):
-        raise AssertionError(f"{arch.name} table does not match the model: converts {sorted(covered)}, "
+        raise AssertionError(f"{arch.title} table does not match the model: converts {sorted(covered)}, "
                              f"model has {sorted(shapes)}")
 
 
@@ -565,174 +211,6 @@ def pad_vocab(flat: dict[str, np.ndarray], n_vocab: int) -> dict[str, np.ndarray
             widths[axis] = (0, n_vocab - flat[path].shape[axis])
             padded[path] = np.pad(flat[path], widths)
     return padded
-
-
-# ----------------------------------------------------------------------------------------------
-# Safetensors: a streaming writer (headers planned up front) and a lazy reader.
-# ----------------------------------------------------------------------------------------------
-
-def numpy_dtype(name: str) -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
-def plan_shards(plan: list[tuple[str, tuple]], itemsize: int, max_bytes: int) -> list[list[tuple[str, tuple]]]:
-    """Split the tensor plan greedily into files of at most ``max_bytes`` (a bigger tensor gets its own)."""
-    shards: list[list[tuple[str, tuple]]] = [[]]
-    used = 0
-    for name, shape in plan:
-        size = math.prod(shape) * itemsize
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append((name, shape))
-        used += size
-    return shards
-
-
-def shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
-def safetensors_header(entries: list[tuple[str, tuple]], dtype: str) -> bytes:
-    """The length-prefixed JSON header of a safetensors file holding ``entries`` back to back."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset, itemsize = 0, numpy_dtype(dtype).itemsize
-    for name, shape in entries:
-        size = math.prod(shape) * itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPE_CODES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary with spaces
-    return len(text).to_bytes(8, "little") + text
-
-
-class ShardedSafetensorsWriter:
-    """Writes the planned tensors, in plan order, into ``model*.safetensors`` under ``output_dir``.
-
-    Only one tensor is held at a time: each file's header is written first (offsets are known from
-    the plan), then tensors are appended as they arrive.
-    """
-
-    def __init__(self, output_dir: str, shards: list[list[tuple[str, tuple]]], dtype: str):
-        self.output_dir, self.shards, self.dtype = output_dir, shards, dtype
-        self.files = shard_file_names(len(shards))
-        self._queue = [(shard, name, shape) for shard, entries in enumerate(shards) for name, shape in entries]
-        self._position = 0
-        self._open_shard: int | None = None
-        self._stack = contextlib.ExitStack()
-        self._handle = None
-
-    def _switch_to(self, shard: int) -> None:
-        self._stack.close()
-        self._stack = contextlib.ExitStack()
-        url = storage.join(self.output_dir, self.files[shard])
-        self._handle = self._stack.enter_context(storage.open_file(url, "wb"))
-        self._handle.write(safetensors_header(self.shards[shard], self.dtype))
-        self._open_shard = shard
-
-    def write(self, name: str, array: np.ndarray) -> None:
-        if self._position >= len(self._queue):
-            raise ConversionError(f"tensor {name!r} was not planned for export")
-        shard, expected_name, shape = self._queue[self._position]
-        if name != expected_name or tuple(array.shape) != tuple(shape):
-            raise ConversionError(f"export produced tensor {name!r} with shape {tuple(array.shape)}, but the plan "
-                                  f"expected {expected_name!r} with shape {tuple(shape)}")
-        if shard != self._open_shard:
-            self._switch_to(shard)
-        self._handle.write(np.ascontiguousarray(cast_for_export(name, array, self.dtype)).tobytes())
-        self._position += 1
-
-    def __enter__(self) -> ShardedSafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type, *exc_info) -> None:
-        self._stack.close()
-        if exc_type is None:
-            self._finish()
-
-    def _finish(self) -> None:
-        if self._position != len(self._queue):
-            raise ConversionError(f"export stopped before tensor {self._queue[self._position][1]!r}; "
-                                  "the output is incomplete")
-        if len(self.files) > 1:
-            self._write_index()
-
-    def _write_index(self) -> None:
-        itemsize = numpy_dtype(self.dtype).itemsize
-        total = sum(math.prod(shape) * itemsize for entries in self.shards for _, shape in entries)
-        weight_map = {name: self.files[i] for i, entries in enumerate(self.shards) for name, _ in entries}
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        write_json(storage.join(self.output_dir, INDEX_FILE), index)
-
-
-def cast_for_export(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
-    """Cast to the output dtype; refuse values that overflow float16 instead of writing infinities."""
-    target = numpy_dtype(dtype)
-    if array.dtype == target:
-        return array
-    wide = array.astype(np.float32) if array.dtype.itemsize < 4 else array
-    with np.errstate(over="ignore"):  # overflow is detected just below, with a clearer message
-        out = wide.astype(target)
-    if dtype == "float16" and not np.all(np.isfinite(out)) and np.all(np.isfinite(wide)):
-        raise ConversionError(f"tensor {name!r} has values up to {float(np.max(np.abs(wide))):.6g}, beyond "
-                              "float16's range (65504); export with --dtype bf16 or --dtype fp32")
-    return out
-
-
-class SafetensorsWeights:
-    """The tensors of a Hugging Face model directory, read lazily one at a time (safetensors only)."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.files = self._tensor_files(directory)
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
-
-    @staticmethod
-    def _tensor_files(directory: str) -> dict[str, str]:
-        from safetensors import safe_open
-
-        index = os.path.join(directory, INDEX_FILE)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            return {name: os.path.join(directory, file) for name, file in weight_map.items()}
-        single = os.path.join(directory, SINGLE_FILE)
-        if os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
-                return {name: single for name in f.keys()}
-        pickles = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
-                   if os.path.exists(os.path.join(directory, f))]
-        hint = (f"; it has {pickles[0]}, pickled PyTorch weights, which are never loaded here (they can run code). "
-                "Convert them to safetensors first (e.g. load once with transformers in a trusted environment and "
-                "save_pretrained(..., safe_serialization=True))") if pickles else ""
-        raise ConversionError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-
-    @property
-    def names(self) -> set[str]:
-        return set(self.files)
-
-    def get(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(path, framework="numpy"))
-        return self._handles[path].get_tensor(name)
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> SafetensorsWeights:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -812,15 +290,15 @@ def check_param_shapes(found: dict[str, tuple], expected: dict[str, tuple], wher
 
 def open_checkpoint_params(checkpoint: str, config: Config):
     """A reader of our parameters from a native checkpoint (step_N dir or run dir) or a legacy one."""
-    from mesh_transformer.training.checkpoint import resolve_checkpoint
+    from mesh_transformer.inference.weights import find_checkpoint
 
-    if legacy.is_legacy_checkpoint(checkpoint):
+    found = find_checkpoint(checkpoint)
+    if found.legacy:
         log.info("%s is a mesh-transformer-jax (v1) checkpoint; reading it with mesh_transformer.legacy", checkpoint)
-        params = legacy.read_legacy_params(checkpoint, config)
+        params = legacy.read_legacy_params(found.path, config)
         return InMemoryParams(params, f"legacy checkpoint {checkpoint}")
-    run_dir, step = resolve_checkpoint(checkpoint)
-    log.info("exporting %s step %d", run_dir, step)
-    return CheckpointParams(run_dir, step)
+    log.info("exporting %s step %d", found.path, found.step)
+    return CheckpointParams(found.path, found.step)
 
 
 def _load_tokenizer_or_none(spec: str):
@@ -914,29 +392,25 @@ def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str = 
         check_param_shapes(params.shapes(), expected, params.where, config)
         plan = tensor_plan(arch, model, expected)
         shards = plan_shards(plan, numpy_dtype(out_dtype).itemsize, max_shard_bytes)
-        progress = tqdm(total=len(plan), unit="tensor", desc=f"export {arch.name}", disable=not show_progress)
+        progress = tqdm(total=len(plan), unit="tensor", desc=f"export {arch.title}", disable=not show_progress)
         with ShardedSafetensorsWriter(output_dir, shards, out_dtype) as writer, progress:
             for name, array in hf_tensors(arch, model, params.read):
                 writer.write(name, array)
                 progress.update()
     finally:
         params.close()
-    _write_hf_metadata(output_dir, config, hf_config, tokenizer)
+    _write_hf_metadata(output_dir, config, arch, hf_config, tokenizer)
     total = sum(math.prod(shape) for _, shape in plan) * numpy_dtype(out_dtype).itemsize
     log.info("wrote %s: %s, %d tensors in %d file(s), %.1f MB %s", output_dir, arch.hf_class, len(plan),
              len(writer.files), total / 1e6, out_dtype)
     return ExportSummary(output_dir, arch.hf_class, writer.files, len(plan), total, out_dtype)
 
 
-def write_json(url: str, value: Any) -> None:
-    storage.write_text_atomic(url, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def _write_hf_metadata(output_dir: str, config: Config, hf_config, tokenizer) -> None:
+def _write_hf_metadata(output_dir: str, config: Config, arch: Architecture, hf_config, tokenizer) -> None:
     generation = _generation_config(hf_config, tokenizer)
     write_json(storage.join(output_dir, "generation_config.json"), generation)
     save_tokenizer_files(config.run.tokenizer, tokenizer, output_dir)
-    hf_json = {**hf_config.to_dict(), **_legacy_hf_config_keys(config.model)}
+    hf_json = {**hf_config.to_dict(), **arch.legacy_hf_config_keys(config.model)}
     write_json(storage.join(output_dir, "config.json"), hf_json)
 
 
@@ -981,8 +455,7 @@ def read_hf_config(directory: str):
         raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
     with open(config_file) as f:
         raw = json.load(f)
-    if raw.get("model_type") not in ARCHITECTURES:
-        raise _unsupported_architecture(raw.get("model_type"), raw.get("architectures"))
+    architecture_of_hf(raw.get("model_type"), raw.get("architectures"))
     return AutoConfig.from_pretrained(directory)
 
 
@@ -1009,7 +482,7 @@ def read_hf_params(arch: Architecture, m: ModelConfig, weights: SafetensorsWeigh
     flat = {path: np.empty(shape, target) for path, shape in shapes.items()}
     used: set[str] = set()
     rules = arch.rules(m)
-    with tqdm(total=sum(len(r.hf_names(m)) for r in rules), unit="tensor", desc=f"import {arch.name}",
+    with tqdm(total=sum(len(r.hf_names(m)) for r in rules), unit="tensor", desc=f"import {arch.title}",
               disable=not show_progress) as bar:
         for rule in rules:
             expected = _expected_hf_shape(rule, m, shapes)
@@ -1098,21 +571,9 @@ def imported_config(hf_path: str, model_keys: dict[str, Any], arch: Architecture
                        f"--tune-model-path {checkpoint_dir}"}
 
 
-def save_step_zero(config: Config, flat: dict[str, np.ndarray], seed: int, metadata: dict, devices=None) -> None:
-    """Write the parameters with a fresh optimizer state as step 0 under ``config.run.model_dir``."""
-    from mesh_transformer.training.checkpoint import Checkpointer
-    from mesh_transformer.training.steps import Trainer
-
-    trainer = Trainer(config, _import_mesh(config, devices))
-    state = trainer.state_from_params(unflatten_params(flat), seed)
-    with Checkpointer(config.run.model_dir, async_save=False) as checkpointer:
-        checkpointer.save(0, state, metadata, force=True)
-        checkpointer.wait()
-
-
 def import_hf(hf_path: str, output_dir: str, *, revision: str | None = None, param_dtype: str = "float32",
               pad_vocab_multiple: int = 1, seed: int = 0, show_progress: bool = True, devices=None) -> ImportSummary:
-    """Convert a Hugging Face GPT-J / GPT-Neo / GPT-NeoX model into ``output_dir``.
+    """Convert a Hugging Face model of a supported architecture (``models/registry.py``) into ``output_dir``.
 
     Writes ``output_dir/checkpoint/step_0`` (params + fresh optimizer state), ``output_dir/config.json``
     (model keys from the HF config, fine-tuning defaults, ``model_dir`` = that checkpoint) and, when the
@@ -1143,10 +604,11 @@ def import_hf(hf_path: str, output_dir: str, *, revision: str | None = None, par
     with SafetensorsWeights(source) as weights:
         flat = read_hf_params(arch, dataclasses.replace(config.model, n_vocab=hf_vocab), weights, param_dtype,
                               show_progress)
-    metadata = {"step": 0, "config": to_json_dict(config),
+    metadata = {"config": to_json_dict(config),
                 "imported_from": {"hf_path": hf_path, "revision": revision, "architecture": arch.hf_class}}
-    save_step_zero(config, pad_vocab(flat, config.model.n_vocab), seed, metadata, devices)
-    del flat
+    params = unflatten_params(pad_vocab(flat, config.model.n_vocab))
+    del flat  # save_step_zero frees the arrays once they are on the devices
+    save_step_zero(Trainer(config, _import_mesh(config, devices)), params, seed, config.run.model_dir, metadata)
     if tokenizer_dir:
         copy_tokenizer_files(source, tokenizer_dir)
     storage.write_text_atomic(config_path, json.dumps(raw, indent=2) + "\n")

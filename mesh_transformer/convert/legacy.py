@@ -48,11 +48,12 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mesh_transformer import storage
-from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.config import (Config, ConfigError, ModelConfig, check_mesh_fits, to_json_dict)
-from mesh_transformer.data.loader import LoaderState
+from mesh_transformer.config import Config, ConfigError, ModelConfig, check_mesh_fits, to_json_dict
+from mesh_transformer.convert.native import save_step_zero
+from mesh_transformer.models import gptj
 from mesh_transformer.models.transformer import STACKED_LAYERS
 from mesh_transformer.sharding import make_mesh
+from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.training.steps import Trainer
 
 log = logging.getLogger(__name__)
@@ -63,22 +64,9 @@ META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _SHARD_DIR = re.compile(r"^shard_(\d+)$")
 
-# The architecture the v1 layout stores (GPT-J): config values our model must use to compute the same thing.
-GPTJ_V1_ARCHITECTURE = {
-    "pe": "rotary",
-    "norm": "layernorm",
-    "rotary_style": "gptj",
-    "rotary_base": 10000.0,
-    "layer_norm_eps": 1e-5,
-    "activation": "gelu_new",
-    "residual": "parallel",
-    "separate_mlp_norm": False,
-    "qkv_bias": False,
-    "out_bias": False,
-    "scale_attention": True,
-    "tie_embeddings": False,
-    "lm_head_bias": True,
-}
+# The architecture the v1 layout stores (GPT-J): config values our model must use to compute the same
+# thing. The original always used GPT-J's default activation and LayerNorm epsilon, so those count too.
+GPTJ_V1_ARCHITECTURE = gptj.ARCHITECTURE.model_defaults
 
 # Haiku modules of one v1 layer (named by creation order in TransformerLayerShard) -> our names.
 _LAYER_LINEARS = {"linear": "q_proj", "linear_1": "v_proj", "linear_2": "k_proj", "linear_3": "out_proj"}
@@ -494,20 +482,12 @@ def convert_legacy_checkpoint(path: str, config: Config, output_dir: str, mesh: 
                                   "convert into an empty directory")
     params, info = _read(path, config, config.model.param_dtype, legacy_shards)
     _check_matches_model(params, trainer)
-    # Place each parameter straight onto its shards instead of onto one device first.
-    params = jax.device_put(params, trainer.state_shardings().params)
-    state = trainer.state_from_params(params, config.train.seed)
-    del params  # the state holds its own copy; free this one before the save snapshots the state
     metadata = {
-        "step": 0,
-        # A fresh loader position lets output_dir also serve as a run directory that starts here.
-        "train_loader": LoaderState().to_dict(),
         "config": to_json_dict(config),
         "converted_from": {"path": info.step_dir, "layout": f"mesh-transformer-jax v1 ({info.kind})",
                            "legacy_shards": info.shards, "legacy_step": info.step},
     }
-    with Checkpointer(output_dir) as checkpoints:
-        checkpoints.save(0, state, metadata)
+    save_step_zero(trainer, params, config.train.seed, output_dir, metadata)
     log.info("wrote %s step 0 on mesh %s from %s (legacy step %d)", output_dir, dict(mesh.shape), info.step_dir,
              info.step)
     return 0

@@ -1,1 +1,2 @@
-"""Inference: text decoding, token choice, the KV-cache generator, batching and scoring."""
+"""Inference: requests and their text (text), token choice (sampler), the KV-cache generator (engine),
+continuous batching (batching), static shapes (shapes), prompt scoring (scoring), loading weights (weights)."""

@@ -14,7 +14,9 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from mesh_transformer.inference.engine import DecodeBatch, Generator, Sequence, TokenLogprob
+from mesh_transformer.inference.batching import DecodeBatch
+from mesh_transformer.inference.engine import Generator
+from mesh_transformer.inference.text import SequenceState, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class Update:
 class Ticket:
     """One request's sequences and the asyncio queue their updates arrive on."""
 
-    def __init__(self, sequences: list[Sequence], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sequences: list[SequenceState], loop: asyncio.AbstractEventLoop) -> None:
         self.sequences = sequences
         self.updates: asyncio.Queue[Update] = asyncio.Queue()
         self.cancelled = False
@@ -149,7 +151,7 @@ class Scheduler:
             self._owners[id(ticket.sequences[index])] = (ticket, index)
         self._publish(self.batch.add([ticket.sequences[index] for ticket, index in joining]))
 
-    def _publish(self, updates: list[tuple[Sequence, str]]) -> None:
+    def _publish(self, updates: list[tuple[SequenceState, str]]) -> None:
         for sequence, text in updates:
             ticket, index = self._owners[id(sequence)]
             ticket.publish(index, text)

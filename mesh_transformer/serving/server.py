@@ -3,7 +3,7 @@
 
 Requests are validated by typed models; every invalid field is answered with HTTP 400 and an
 OpenAI-style error ``{"error": {"message", "type", "param", "code"}}`` naming the field. Generation
-runs on the continuous-batching loop of ``serve_scheduler``; a full queue answers 429 with
+runs on the continuous-batching loop of ``scheduler``; a full queue answers 429 with
 Retry-After, a request past its timeout 504, and a request whose client goes away is cancelled.
 The model loads in the background: ``/health`` answers 503 until it is loaded and compiled.
 """
@@ -29,13 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from mesh_transformer.inference.engine import (
-    MAX_TOP_LOGPROBS,
-    Generator,
-    SamplingParams,
-    Sequence,
-    TokenLogprob,
-)
+from mesh_transformer.inference.engine import Generator
+from mesh_transformer.inference.scoring import prompt_logprobs
+from mesh_transformer.inference.text import MAX_TOP_LOGPROBS, SamplingParams, SequenceState, TokenLogprob, text_offsets
 from mesh_transformer.serving.scheduler import QueueFull, Scheduler, Ticket, Update
 
 log = logging.getLogger(__name__)
@@ -287,7 +283,7 @@ async def _updates(ticket: Ticket, request: Request, deadline: float, watch_disc
         yield update
 
 
-def _submit(scheduler: Scheduler, sequences: list[Sequence]) -> Ticket:
+def _submit(scheduler: Scheduler, sequences: list[SequenceState]) -> Ticket:
     ticket = Ticket(sequences, asyncio.get_running_loop())
     try:
         scheduler.submit(ticket)
@@ -310,8 +306,9 @@ class ChoicePlan:
     index: int
     prompt_text: str
     prompt_ids: list[int]
-    sequence: Sequence
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    sequence: SequenceState
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with prompt_offsets: for echo with logprobs
+    prompt_offsets: list[int] | None = None
 
 
 class CompletionFormatter:
@@ -331,10 +328,7 @@ class CompletionFormatter:
                         top_logprobs=top, text_offset=offsets)
 
     def echo_logprobs(self, plan: ChoicePlan) -> Logprobs:
-        return self.logprobs(plan.prompt_logprobs, plan.prompt_ids, self._prompt_offsets(plan.prompt_ids))
-
-    def _prompt_offsets(self, ids: list[int]) -> list[int]:
-        return [len(self.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+        return self.logprobs(plan.prompt_logprobs, plan.prompt_ids, plan.prompt_offsets)
 
     def choice(self, plan: ChoicePlan) -> CompletionChoice:
         sequence = plan.sequence
@@ -393,18 +387,23 @@ def _plan_choices(body: CompletionRequest, generator: Generator, settings: Serve
             seed = None if body.seed is None else (body.seed + i) % 2**64
             params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
                                     top_p=body.top_p, seed=seed, stop=tuple(body.stop or ()), logprobs=body.logprobs)
-            sequence = Sequence(ids, params, generator.tokenizer, generator.context)
-            plans.append(ChoicePlan(len(plans), text, ids, sequence))
+            plans.append(ChoicePlan(len(plans), text, ids, generator.sequence(ids, params)))
     return plans
 
 
+def _scored_prompt(generator: Generator, ids: list[int], top_n: int) -> tuple[list[TokenLogprob | None], list[int]]:
+    """The prompt's log-probabilities and the text offset of each of its tokens."""
+    return prompt_logprobs(generator, ids, top_n), text_offsets(generator.tokenizer, ids)
+
+
 async def _add_prompt_logprobs(plans: list[ChoicePlan], generator: Generator, top_n: int) -> None:
-    by_prompt: dict[int, list[TokenLogprob | None]] = {}
+    """Score each prompt once, whatever n is, off the event loop."""
+    by_prompt: dict[int, tuple[list[TokenLogprob | None], list[int]]] = {}
     for plan in plans:
         key = id(plan.prompt_ids)
         if key not in by_prompt:
-            by_prompt[key] = await asyncio.to_thread(generator.prompt_logprobs, plan.prompt_ids, top_n)
-        plan.prompt_logprobs = by_prompt[key]
+            by_prompt[key] = await asyncio.to_thread(_scored_prompt, generator, plan.prompt_ids, top_n)
+        plan.prompt_logprobs, plan.prompt_offsets = by_prompt[key]
 
 
 async def _complete_whole(ticket: Ticket, request: Request, deadline: float) -> None:
@@ -490,7 +489,7 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         _check_fits(generator, ids, 1, "context", "length")
         params = SamplingParams(max_new_tokens=min(body.length, generator.context - len(ids)),
                                 temperature=body.temp, top_p=body.top_p, top_k=body.top_k)
-        sequence = Sequence(ids, params, generator.tokenizer, generator.context)
+        sequence = generator.sequence(ids, params)
         usage[0] = len(ids)
         await _complete_whole(_submit(scheduler, [sequence]), request,
                               time.monotonic() + settings.request_timeout_s)

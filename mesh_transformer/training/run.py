@@ -29,6 +29,7 @@ from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoin
 from mesh_transformer.config import Config, ConfigError, to_json_dict
 from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFRecordLoader, resolve_index
 from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from mesh_transformer.models.outputs import real_vocab_size
 from mesh_transformer.models.transformer import non_embedding_params
 from mesh_transformer.sharding import data_parallel_size, make_mesh
 from mesh_transformer.tokenizer import load_tokenizer
@@ -55,10 +56,12 @@ class TrainResult:
 
 
 class StopRequest:
-    """Turns SIGTERM (TPU preemption) and Ctrl-C into a flag checked between steps."""
+    """Turns SIGTERM (TPU preemption) and Ctrl-C into a flag checked between steps (of training, or of
+    the pod launcher's retries); ``then`` tells the log what happens next."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "saving a checkpoint after this step, then exiting") -> None:
         self.signal_name: str | None = None
+        self.then = then
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
@@ -72,7 +75,7 @@ class StopRequest:
 
         def handle(signum, _frame):
             self.signal_name = signal.Signals(signum).name
-            log.warning("%s received: saving a checkpoint after this step, then exiting", self.signal_name)
+            log.warning("%s received: %s", self.signal_name, self.then)
 
         for s in previous:
             signal.signal(s, handle)
@@ -86,15 +89,12 @@ class StopRequest:
 def _real_vocab_size(config: Config) -> int | None:
     """The tokenizer's vocabulary size, so the loss never gives probability to padded ids."""
     try:
-        vocab = load_tokenizer(config.run.tokenizer).vocab_size
+        tokenizer = load_tokenizer(config.run.tokenizer)
     except Exception as e:  # the tokenizer is optional for training; say clearly what is skipped
         log.warning("could not load tokenizer %r (%s); padded vocabulary ids will not be masked in the loss",
                     config.run.tokenizer, e)
         return None
-    if vocab > config.model.n_vocab:
-        raise ConfigError(f"{config.source}: n_vocab ({config.model.n_vocab}) is smaller than the vocabulary "
-                          f"of tokenizer {config.run.tokenizer!r} ({vocab}); raise n_vocab.")
-    return vocab
+    return real_vocab_size(tokenizer, config.model.n_vocab, config.source)
 
 
 def any_process(flag: bool) -> bool:

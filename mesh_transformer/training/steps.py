@@ -14,7 +14,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
-from mesh_transformer.models.transformer import STACKED_LAYERS, Block, Transformer, default_positions, layer_windows
+from mesh_transformer.models.outputs import token_logprobs
+from mesh_transformer.models.transformer import (STACKED_LAYERS, Block, Transformer, abstract_params, default_positions,
+                                                 layer_windows)
 from mesh_transformer.sharding import mesh_platform, named_sharding, traced_on, tree_shardings
 
 # A batch is (microbatches, batch, seq + 1): tokens and a 0/1 mask of real (non-padding) tokens.
@@ -76,13 +78,8 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0,
                   real_vocab: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed token loss and token count; ids >= real_vocab (vocab padding) get no probability."""
-    logits = logits.astype(jnp.float32)
-    if real_vocab is not None and real_vocab < logits.shape[-1]:
-        padded = jnp.arange(logits.shape[-1]) >= real_vocab
-        logits = jnp.where(padded, jnp.finfo(jnp.float32).min, logits)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    token_loss = lse - target_logit + z_loss * jnp.square(lse)
+    logprobs, lse = token_logprobs(logits, targets, real_vocab)
+    token_loss = -logprobs + z_loss * jnp.square(lse)
     mask = mask.astype(jnp.float32)
     return jnp.sum(token_loss * mask), jnp.sum(mask)
 
@@ -127,10 +124,8 @@ class Trainer:
 
     def state_shardings(self) -> TrainState:
         """NamedShardings of every leaf of the train state, derived from the logical names."""
-        rng = jax.random.key(0)
-        boxed = jax.eval_shape(lambda: self.model.init(rng, jnp.zeros((1, self.config.model.seq), jnp.int32)))
-        param_shardings = tree_shardings(self.mesh, nn.get_partition_spec(boxed["params"]))
-        abstract = jax.eval_shape(self._init_state, rng)
+        param_shardings = tree_shardings(self.mesh, nn.get_partition_spec(abstract_params(self.model_config)))
+        abstract = jax.eval_shape(self._init_state, jax.random.key(0))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         # Adam's moments are shaped like the parameters and share their sharding (ZeRO-style).
         opt_shardings = optax.tree_map_params(

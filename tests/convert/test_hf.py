@@ -21,10 +21,14 @@ import transformers
 from safetensors import safe_open
 
 from mesh_transformer.convert import hf
+from mesh_transformer.convert.safetensors import INDEX_FILE, cast_for_export
 from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config, parse_config
 from mesh_transformer.models.transformer import Transformer
-from mesh_transformer.inference.engine import Generator, SamplingParams
+from mesh_transformer.inference.engine import Generator
+from mesh_transformer.inference.text import SamplingParams
+from mesh_transformer.models.architecture import QKV_WEIGHT
+from mesh_transformer.models.gpt_neo import attention_types
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import load_tokenizer
 from mesh_transformer.training.steps import Trainer
@@ -352,11 +356,11 @@ def test_import_cli(tmp_path):
 def test_neox_qkv_fuse_and_split_follow_the_per_head_layout():
     m = ModelConfig(layers=1, d_model=8, n_heads=2, n_vocab=8, seq=8, rotary_style="neox")
     q, k, v = (np.random.RandomState(i).normal(size=(8, 8)) for i in range(3))  # (in, out) kernels
-    fused = hf.QKV_WEIGHT.to_hf([q, k, v], m)
+    fused = QKV_WEIGHT.to_hf([q, k, v], m)
     per_head = fused.reshape(2, 3, 4, 8)  # HF: (heads, [q, k, v], head_dim, in)
     np.testing.assert_array_equal(per_head[1, 2], v.T[4:8])
     np.testing.assert_array_equal(per_head[0, 1], k.T[0:4])
-    for ours, back in zip((q, k, v), hf.QKV_WEIGHT.from_hf(fused, m)):
+    for ours, back in zip((q, k, v), QKV_WEIGHT.from_hf(fused, m)):
         np.testing.assert_array_equal(back, ours)
 
 
@@ -426,7 +430,7 @@ def test_export_refuses_a_checkpoint_that_does_not_match_the_config(tmp_path):
 
 def test_fp16_export_refuses_values_beyond_the_float16_range():
     with pytest.raises(hf.ConversionError, match="'lm_head.weight'.*70000.*bf16"):
-        hf.cast_for_export("lm_head.weight", np.array([1.0, 70000.0], np.float32), "float16")
+        cast_for_export("lm_head.weight", np.array([1.0, 70000.0], np.float32), "float16")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,8 +438,8 @@ def test_fp16_export_refuses_values_beyond_the_float16_range():
 # ------------------------------------------------------------------------------------------------
 
 def test_gpt_neo_attention_pattern_is_written_compactly_and_read_back():
-    assert hf._attention_types(["global", "local"] * 6) == [[["global", "local"], 6]]
-    assert hf._attention_types(["global", "local", "local"]) == [[["global", "local", "local"], 1]]
+    assert attention_types(["global", "local"] * 6) == [[["global", "local"], 6]]
+    assert attention_types(["global", "local", "local"]) == [[["global", "local", "local"], 1]]
     config = parse_config(dict(layers=4, d_model=32, n_heads=4, n_vocab=64, seq=16, pe="fixed", residual="sequential",
                                separate_mlp_norm=True, out_bias=True, scale_attention=False, tie_embeddings=True,
                                lm_head_bias=False, attention_layers=["global", "local"] * 2, window_size=8, lr=1e-3))
@@ -527,7 +531,7 @@ def test_to_hf_weights_fp32_sharded_output_matches_our_logits(tiny_run, tmp_path
     root, params = tiny_run
     run_to_hf_weights("--input-ckpt", str(root / "run"), "--config", str(root / "config.json"),
                       "--output-path", str(tmp_path / "out"), "--dtype", "fp32", "--max-shard-size", "20KB")
-    index = json.loads((tmp_path / "out" / hf.INDEX_FILE).read_text())
+    index = json.loads((tmp_path / "out" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
     config = load_config(str(root / "config.json"))

@@ -17,10 +17,11 @@ import openai
 import pytest
 
 from mesh_transformer.config import load_config
-from mesh_transformer.inference.engine import SamplingParams, load_generator
+from mesh_transformer.inference.engine import load_generator
+from mesh_transformer.inference.text import SamplingParams
 from mesh_transformer.sharding import mesh_from_shape
 from tests.helpers import REPO
-from tests.inference.test_engine import write_checkpoint
+from tests.inference.tiny_model import write_checkpoint
 
 API_KEY = "test-key-123"
 STARTUP_TIMEOUT_S = 240
@@ -174,6 +175,7 @@ def test_stop_echo_n_and_seed(server, reference):
     scored = api.completions.create(model="tiny-test", prompt="abc", max_tokens=0, echo=True, logprobs=1)
     assert scored.choices[0].text == "abc" and scored.choices[0].logprobs.token_logprobs[0] is None
     assert len(scored.choices[0].logprobs.token_logprobs) == 3
+    assert scored.choices[0].logprobs.text_offset == [0, 1, 2]
 
 
 def test_32_concurrent_clients_all_get_their_own_completion(server, reference):

@@ -9,7 +9,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_common "$@"
 ((${#REST[@]} == 0)) || die "unknown option ${REST[0]}"
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The scripts live in mesh_transformer/tpu_setup/ (the checkout's tpu_setup/ links there): resolve the
+# link, then the checkout is two levels up. An installed wheel has no committed tree to ship.
+REPO="$(cd -P "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+[[ -e $REPO/.git ]] || die "$REPO is not a git checkout: install.sh ships a checkout's committed tree, run it from one"
 ARCHIVE="${TMPDIR:-/tmp}/mesh-transformer-$NAME.tar.gz"
 
 # git archive ships exactly what is committed: no local data, checkpoints or virtual environments.

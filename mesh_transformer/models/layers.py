@@ -1,0 +1,279 @@
+"""The pieces a transformer layer is built from, as Flax modules and pure functions (no I/O).
+
+Dense projections, LayerNorm / RMSNorm, rotary position embeddings, attention masks, softmax
+attention (multi-head or grouped-query), the attention and MLP (dense or gated) sub-layers and the
+KV cache they read and write during decoding. ``transformer.py`` stacks them into the model.
+
+Every weight is created with logical axis names (see ``sharding.LOGICAL_AXIS_RULES``), so the same
+code runs on any (dp, fsdp, mp) mesh.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from mesh_transformer.config import ModelConfig, resolve_compute_dtype
+from mesh_transformer.sharding import constrain
+
+INIT_STDDEV = 0.02
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The dtype matmuls run in. ``auto`` is resolved here for the default backend; code that knows
+    its mesh (``train.Trainer``, the planner) resolves it for the mesh's platform beforehand."""
+    return dtype_of(resolve_compute_dtype(cfg.compute_dtype, jax.default_backend()))
+
+
+def _kernel_init(names: tuple[str, ...], stddev: float = INIT_STDDEV):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+def _zeros(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` for y (tokens, features), whose bias gradient is a matrix-vector product.
+
+    Autodiff would sum the gradient over the tokens axis with a reduction, which XLA:CPU runs far
+    slower than a matmul: for the lm_head (4096 tokens x 50400 vocab) it took about as long as one of
+    the lm_head matmuls (bench/RESULTS.md).
+    """
+    return y + bias
+
+
+def _add_bias_fwd(y: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    return g, jnp.dot(ones, g, preferred_element_type=jnp.float32).astype(g.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` (same parameters) applied to the inputs flattened to (tokens, features).
+
+    With 2-D operands XLA:CPU computes the weight gradient without first transposing the (often
+    large) output gradient; for the lm_head that copy alone moved 800 MB per step.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        flat, kernel, bias = self.promote_dtype(inputs.reshape(-1, inputs.shape[-1]), kernel, bias,
+                                                dtype=self.dtype)
+        y = jnp.dot(flat, kernel, precision=self.precision)
+        if bias is not None:
+            y = add_bias(y, bias)
+        return y.reshape(*inputs.shape[:-1], self.features)
+
+
+def dense_layer(cfg: ModelConfig, features: int, names: tuple[str, str], name: str | None, use_bias: bool,
+                stddev: float = INIT_STDDEV) -> nn.Dense:
+    return Dense(
+        features,
+        use_bias=use_bias,
+        dtype=compute_dtype(cfg),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=_kernel_init(names, stddev),
+        bias_init=_zeros(names[1:]),
+        name=name,
+    )
+
+
+def norm_layer(cfg: ModelConfig, name: str | None) -> nn.Module:
+    """``cfg.norm``: LayerNorm (scale and bias), or RMSNorm (scale only, as LLaMA). Flax computes the
+    statistics and the normalisation in float32 for either, as Hugging Face does."""
+    common = dict(epsilon=cfg.layer_norm_eps, dtype=compute_dtype(cfg), param_dtype=dtype_of(cfg.param_dtype),
+                  scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), name=name)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(**common)
+    return nn.LayerNorm(bias_init=_zeros(("norm",)), **common)
+
+
+def embedding_layer(cfg: ModelConfig, rows: int, names: tuple[str, str], name: str | None = None) -> nn.Embed:
+    return nn.Embed(rows, cfg.d_model, dtype=compute_dtype(cfg), param_dtype=dtype_of(cfg.param_dtype),
+                    embedding_init=_kernel_init(names), name=name)
+
+
+def _residual_stddev(cfg: ModelConfig) -> float:
+    """GPT-2 style: projections that write into the residual stream start smaller with depth."""
+    return INIT_STDDEV / (2 * cfg.layers) ** 0.5
+
+
+def rotary_angles(positions: jax.Array, rotary_dims: int, base: float) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of shape (batch, length, rotary_dims // 2), computed in float32."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dims, 2, dtype=jnp.float32) / rotary_dims))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, style: str) -> jax.Array:
+    """Rotate the first 2*sin.shape[-1] dims of each head of x (batch, length, heads, head_dim).
+
+    ``gptj`` rotates interleaved pairs (x0, x1) -> (-x1, x0); ``neox`` rotates the two halves.
+    """
+    rotary_dims = 2 * sin.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dims].astype(jnp.float32), x[..., rotary_dims:]
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    if style == "gptj":
+        sin, cos = jnp.repeat(sin, 2, axis=-1), jnp.repeat(cos, 2, axis=-1)
+        rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], axis=-1).reshape(x_rot.shape)
+    else:
+        sin, cos = jnp.concatenate([sin, sin], -1), jnp.concatenate([cos, cos], -1)
+        half = rotary_dims // 2
+        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+
+
+GLOBAL_WINDOW = 2**30  # a window no sequence reaches: plain causal attention
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array, window: jax.Array) -> jax.Array:
+    """(batch, q, k) mask: causal, and within ``window`` tokens back for local-attention layers."""
+    distance = q_positions[:, :, None] - k_positions[:, None, :]
+    return (distance >= 0) & (distance < window)
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's attention keys and values, (batch, kv_heads, length, head_dim); index = token position.
+
+    Heads before positions: attending reads each head's keys contiguously, 2.4x faster on CPU at
+    batch 8 than (batch, length, heads, head_dim).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> "LayerCache":
+        """Store k, v (batch, new, kv_heads, head_dim) at their positions; positions past the end are dropped."""
+        rows = jnp.arange(k.shape[0])[:, None]
+        return LayerCache(self.keys.at[rows, :, positions].set(k.astype(self.keys.dtype), mode="drop"),
+                          self.values.at[rows, :, positions].set(v.astype(self.values.dtype), mode="drop"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[LayerCache, ...]:
+    """An empty KV cache: one array pair per layer, so a decode step updates each in place (a single
+    stacked array was about 2x slower on CPU: XLA copied all of it at every step). It holds the
+    key/value heads only, so grouped-query attention shrinks it by n_heads / n_kv_heads."""
+    shape = (batch, cfg.kv_heads, length, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, compute_dtype(cfg))  # noqa: E731
+    return tuple(LayerCache(zeros(), zeros()) for _ in range(cfg.layers))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None,
+           kv_layout: str = "bkhd") -> jax.Array:
+    """Softmax attention of q (batch, length, heads, head_dim) over k, v (batch, length, kv_heads,
+    head_dim); ``mask`` is (batch, q_length, k_length) or (q_length, k_length). Scores and softmax in
+    float32, scale 1/sqrt(head_dim) if None. ``kv_layout="bhkd"`` takes k, v as (batch, kv_heads,
+    length, head_dim), the KV cache's layout.
+
+    With fewer key/value heads than query heads (grouped-query attention), each run of
+    heads // kv_heads consecutive query heads shares one key/value head. Those query heads are laid
+    end to end along the query axis, so each key/value head is read once by one batched matmul and
+    never repeated; with one query head per key/value head this is the multi-head layout unchanged
+    (a 5-D einsum over (kv_heads, group) instead made XLA transpose the score matrix, 12% slower).
+
+    The same math as ``jax.nn.dot_product_attention``, written out because that function's forward
+    + backward ran about 1.5x slower on XLA:CPU (bench/RESULTS.md).
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[kv_layout.index("h")]
+    group = heads // kv_heads
+    kv = kv_layout.replace("h", "g")
+    stacked = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    stacked = stacked.reshape(batch, kv_heads, group * length, head_dim)
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = jnp.einsum(f"bgQd,{kv}->bgQk", stacked, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(_stacked_mask(mask, group), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bgQk,{kv}->bgQd", probs, v).reshape(batch, kv_heads, group, length, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
+
+
+def _stacked_mask(mask: jax.Array, group: int) -> jax.Array:
+    """The mask of ``group`` query heads laid end to end: (..., q, k) -> (..., 1, group * q, k)."""
+    *lead, q_length, k_length = mask.shape
+    tiled = jnp.broadcast_to(mask[..., None, :, :], (*lead, group, q_length, k_length))
+    return tiled.reshape(*lead, 1, group * q_length, k_length)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """With a cache, x holds new tokens only: their keys and values are written to the cache at
+        ``positions`` and the queries attend over the whole cache (earlier positions only)."""
+        cfg = self.cfg
+        batch, length, _ = x.shape
+
+        def project(name: str, heads: int) -> jax.Array:
+            y = dense_layer(cfg, heads * cfg.head_dim, ("embed", "heads"), name, use_bias=cfg.qkv_bias)(x)
+            y = y.reshape(batch, length, heads, cfg.head_dim)
+            return constrain(y, ("batch", "length", "act_heads", "head_dim"))
+
+        q = project("q_proj", cfg.n_heads)
+        k, v = project("k_proj", cfg.kv_heads), project("v_proj", cfg.kv_heads)
+        if cfg.pe == "rotary":
+            sin, cos = rotary_angles(positions, cfg.rotary_dims, cfg.rotary_base)
+            q = apply_rotary(q, sin, cos, cfg.rotary_style)
+            k = apply_rotary(k, sin, cos, cfg.rotary_style)
+        scale = None if cfg.scale_attention else 1.0
+        if cache is not None:
+            cache = cache.write(k, v, positions)
+            cached = cache.keys.shape[2]
+            mask = attention_mask(positions, jnp.broadcast_to(jnp.arange(cached), (batch, cached)), window)
+            out = attend(q, cache.keys.astype(q.dtype), cache.values.astype(q.dtype), mask, scale, kv_layout="bhkd")
+        elif cfg.has_local_attention:
+            out = attend(q, k, v, attention_mask(positions, positions, window), scale)
+        else:
+            out = attend(q, k, v, jnp.tril(jnp.ones((length, length), bool)), scale)
+        out = constrain(out.reshape(batch, length, cfg.n_heads * cfg.head_dim), ("batch", "length", "act_heads"))
+        return dense_layer(cfg, cfg.d_model, ("heads", "embed"), "out_proj", use_bias=cfg.out_bias,
+                           stddev=_residual_stddev(cfg))(out), cache
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(nn.Module):
+    """dense:  fc_out(act(fc_in(x)))
+    gated:  fc_out(act(fc_gate(x)) * fc_in(x))       LLaMA's down(act(gate(x)) * up(x))
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+
+        def project_in(name: str) -> jax.Array:
+            return dense_layer(cfg, cfg.ff_dim, ("embed", "mlp"), name, use_bias=cfg.mlp_bias)(x)
+
+        h = ACTIVATIONS[cfg.activation](project_in("fc_gate" if cfg.mlp == "gated" else "fc_in"))
+        if cfg.mlp == "gated":
+            h = h * project_in("fc_in")
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        return dense_layer(cfg, cfg.d_model, ("mlp", "embed"), "fc_out", use_bias=cfg.mlp_bias,
+                           stddev=_residual_stddev(cfg))(h)

@@ -1,0 +1,76 @@
+"""Continuous batching: the KV cache follows the load without changing results, and a warmed-up
+batch compiles nothing more, whatever joins and leaves."""
+
+import contextlib
+import dataclasses
+
+import jax
+import numpy as np
+
+from mesh_transformer.inference.engine import Generator
+from mesh_transformer.inference.text import SamplingParams
+from tests.inference.tiny_model import CFG, TOKENIZER, full_logits, init_params
+
+
+def test_the_cache_follows_the_load_without_changing_results():
+    """Rows and length of the KV cache grow and shrink as sequences join and finish."""
+    cfg = dataclasses.replace(CFG, seq=160)
+    params = init_params(cfg, seed=4)
+    gen = Generator(cfg, params, TOKENIZER)
+    batch = gen.batch(capacity=16, steps_per_call=4)
+    rng = np.random.RandomState(5)
+    sequences = [gen.sequence(list(rng.randint(0, 33, 3 + i)), SamplingParams(max_new_tokens=4 + 12 * i,
+                                                                               temperature=0.0, stop_at_eos=False))
+                 for i in range(9)]
+    batch.add(sequences[:6])
+    shapes, waiting = [(batch.rows, batch.length)], sequences[6:]
+    while batch.active:
+        batch.step()
+        if waiting and len(batch.active) <= 4:
+            batch.add(waiting)  # these join while the others are finishing
+            waiting = []
+        shapes.append((batch.rows, batch.length))
+    assert {16, 4, 1} <= {rows for rows, _ in shapes}
+    assert {64, 128} <= {length for _, length in shapes}
+    for sequence in sequences:
+        tokens = list(sequence.prompt)
+        for _ in range(sequence.limit):
+            tokens.append(int(np.argmax(full_logits(cfg, params, tokens)[:TOKENIZER.vocab_size])))
+        assert sequence.tokens == tokens[len(sequence.prompt):]
+
+
+@contextlib.contextmanager
+def counting_compilations():
+    """Yields a list that counts the XLA compilations made until the block ends."""
+    compilations = []
+
+    def on_event(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compilations.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        yield compilations
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def test_after_warmup_of_every_shape_no_request_waits_for_a_compilation():
+    cfg = dataclasses.replace(CFG, seq=128, layers=1)  # a model of its own: nothing compiled by other tests
+    gen = Generator(cfg, init_params(cfg, seed=9), TOKENIZER)
+    batch = gen.batch(capacity=4, steps_per_call=2)
+    batch.warmup(every_shape=True)
+    rng = np.random.RandomState(6)
+    sequences = [gen.sequence(list(rng.randint(0, 33, length)), SamplingParams(max_new_tokens=new, temperature=0.0,
+                                                                               stop_at_eos=False))
+                 for length, new in [(3, 4), (20, 90), (40, 3), (1, 2), (70, 20), (2, 60), (17, 5)]]
+    joining = [sequences[:1], sequences[1:4], sequences[4:5], sequences[5:]]  # groups of 1 and 4, growing and shrinking
+    shapes = set()
+    with counting_compilations() as compilations:
+        while joining or batch.active:
+            if joining and batch.free_slots >= len(joining[0]):
+                batch.add(joining.pop(0))
+            batch.step()
+            shapes.add((batch.rows, batch.length))
+    assert compilations == []
+    assert {(1, 64), (4, 64), (4, 128), (1, 128)} <= shapes

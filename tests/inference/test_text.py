@@ -1,0 +1,52 @@
+"""Text handling on the host: streamed text and stop strings, characters split over tokens, token
+text offsets, and the validation of sampling settings."""
+
+import pytest
+
+from mesh_transformer.inference.text import SamplingParams, SequenceState, TokenLogprob, text_offsets
+from mesh_transformer.tokenizer import ByteTokenizer
+from tests.inference.tiny_model import TOKENIZER
+
+
+def feed(sequence: SequenceState, tokens: list[int]) -> list[str]:
+    return [sequence.append(t, TokenLogprob(t, -1.0)) for t in tokens]
+
+
+def test_streamed_text_holds_back_a_possible_stop_string_and_cuts_it_when_complete():
+    hello, world, space = 30, 31, 26
+    sequence = SequenceState([0], SamplingParams(max_new_tokens=20, stop=("lo wo",)), TOKENIZER, context=32)
+    pieces = feed(sequence, [0, hello])  # "a" "hello": "lo" may start the stop string
+    assert pieces == ["a", "hel"]
+    pieces += feed(sequence, [world])  # " world": the stop string is complete
+    assert sequence.finish_reason == "stop" and sequence.text == "ahel"
+    assert "".join(pieces) == "ahel"
+    assert sequence.tokens == [0, hello]  # " world" starts inside the stop string and is dropped
+    assert sequence.settled_tokens == 2
+    other = SequenceState([0], SamplingParams(max_new_tokens=3, stop=("lo wo",)), TOKENIZER, context=32)
+    assert "".join(feed(other, [hello, space, 1])) == "hello b" and other.finish_reason == "length"
+
+
+def test_bytes_of_one_character_are_released_together():
+    tokenizer = ByteTokenizer()
+    sequence = SequenceState([65], SamplingParams(max_new_tokens=8), tokenizer, context=32)
+    euro = list("€".encode())
+    assert feed(sequence, euro + [33]) == ["", "", "€", "!"]
+    assert sequence.token_offsets == [0, 0, 0, 1]
+
+
+def test_text_offsets_of_a_prompt_are_those_of_the_same_tokens_generated():
+    tokenizer = ByteTokenizer()
+    ids = list("a€ b".encode())
+    sequence = SequenceState([65], SamplingParams(max_new_tokens=len(ids), stop_at_eos=False), tokenizer, context=32)
+    feed(sequence, ids)
+    assert text_offsets(tokenizer, ids) == sequence.token_offsets == [0, 1, 1, 1, 2, 3]
+    hello, world = 30, 31
+    assert text_offsets(TOKENIZER, [hello, world, 0]) == [0, 5, 11]
+
+
+def test_invalid_sampling_settings_name_the_setting():
+    for bad, name in [(dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
+                      (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(logprobs=99), "logprobs"),
+                      (dict(stop=("",)), "stop")]:
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**bad)
