@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from mesh_transformer.config import ConfigError, MeshConfig, load_config
-from mesh_transformer.convert.legacy import LegacyCheckpointError, convert_legacy_checkpoint
+from mesh_transformer.convert.legacy import LegacyCheckpointError
+from mesh_transformer.convert.native import convert_legacy_checkpoint
 from mesh_transformer.log import setup_logging
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -41,20 +41,14 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mesh_transformer import storage
-from mesh_transformer.config import Config, ConfigError, ModelConfig, check_mesh_fits, to_json_dict
-from mesh_transformer.convert.native import save_step_zero
+from mesh_transformer.config import Config, ConfigError, ModelConfig
 from mesh_transformer.models import gptj
 from mesh_transformer.models.transformer import STACKED_LAYERS
-from mesh_transformer.sharding import make_mesh
-from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.training.steps import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +378,9 @@ class _ParamAssembler:
 
 # ----- public API -----
 
-def _read(path: str, config: Config, dtype, legacy_shards: int | None) -> tuple[dict, LegacyCheckpointInfo]:
+def read_legacy_checkpoint(path: str, config: Config, dtype,
+                           legacy_shards: int | None) -> tuple[dict, LegacyCheckpointInfo]:
+    """``read_legacy_params`` plus where the parameters came from (step directory, kind, shards, step)."""
     check_gptj_v1_config(config.model, config.source)
     step_dir = resolve_legacy_step_dir(path)
     shards = _legacy_shard_count(step_dir, legacy_shards)
@@ -450,44 +446,5 @@ def read_legacy_params(path: str, config: Config, dtype: str | np.dtype | None =
     the parameters; ``None`` keeps the stored dtype (float32 in full checkpoints, bfloat16 in slim
     ones). ``legacy_shards`` defaults to the number of ``shard_*`` directories.
     """
-    params, _ = _read(path, config, dtype, legacy_shards)
+    params, _ = read_legacy_checkpoint(path, config, dtype, legacy_shards)
     return params
-
-
-def _check_matches_model(params: dict, trainer: Trainer) -> None:
-    expected = {jax.tree_util.keystr(path): leaf.shape
-                for path, leaf in jax.tree_util.tree_leaves_with_path(trainer.abstract_state().params)}
-    got = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    if expected != got:
-        differences = [f"{name}: model {expected.get(name)}, converted {got.get(name)}"
-                       for name in sorted(set(expected) | set(got)) if expected.get(name) != got.get(name)]
-        raise LegacyCheckpointError("converted parameters do not match the model: " + "; ".join(differences))
-
-
-def convert_legacy_checkpoint(path: str, config: Config, output_dir: str, mesh: Mesh | None = None,
-                              legacy_shards: int | None = None) -> int:
-    """Write a v1 checkpoint as a native checkpoint at step 0 (fresh optimizer state); returns that step.
-
-    The new state is laid out on ``mesh`` (default: ``make_mesh(config)``), whatever the legacy shard
-    count was. Fine-tune from it with ``device_train.py --tune-model-path output_dir``.
-    """
-    if mesh is None:
-        mesh = make_mesh(config)
-    else:
-        check_mesh_fits(config, mesh.shape["dp"], mesh.shape["fsdp"], mesh.shape["mp"])
-    trainer = Trainer(config, mesh)
-    with Checkpointer(output_dir) as existing:
-        if existing.steps():
-            raise FileExistsError(f"{output_dir} already holds checkpoints (steps {existing.steps()}); "
-                                  "convert into an empty directory")
-    params, info = _read(path, config, config.model.param_dtype, legacy_shards)
-    _check_matches_model(params, trainer)
-    metadata = {
-        "config": to_json_dict(config),
-        "converted_from": {"path": info.step_dir, "layout": f"mesh-transformer-jax v1 ({info.kind})",
-                           "legacy_shards": info.shards, "legacy_step": info.step},
-    }
-    save_step_zero(trainer, params, config.train.seed, output_dir, metadata)
-    log.info("wrote %s step 0 on mesh %s from %s (legacy step %d)", output_dir, dict(mesh.shape), info.step_dir,
-             info.step)
-    return 0

@@ -1,15 +1,27 @@
 """Converted weights as a native checkpoint: step 0 of a run, ready to fine-tune from.
 
-Both conversions into our format (Hugging Face import, mesh-transformer-jax v1 checkpoints) end here.
+Both conversions into our format (Hugging Face import, mesh-transformer-jax v1 checkpoints) end here,
+and the v1 conversion is driven from here, so that reading v1 checkpoints (``convert.legacy``, which
+inference uses) needs none of the training code.
 """
 
 from __future__ import annotations
 
-import jax
+import logging
 
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from mesh_transformer.config import Config, check_mesh_fits, to_json_dict
+from mesh_transformer.convert.legacy import LegacyCheckpointError, read_legacy_checkpoint
 from mesh_transformer.data.loader import LoaderState
+from mesh_transformer.models.transformer import abstract_params
+from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.training.steps import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def save_step_zero(trainer: Trainer, params: dict, seed: int, directory: str, metadata: dict) -> None:
@@ -27,3 +39,42 @@ def save_step_zero(trainer: Trainer, params: dict, seed: int, directory: str, me
     del placed  # the state holds the parameters now
     with Checkpointer(directory, async_save=False) as checkpointer:
         checkpointer.save(0, state, {"step": 0, "train_loader": LoaderState().to_dict(), **metadata}, force=True)
+
+
+def _check_matches_model(params: dict, config: Config) -> None:
+    expected = {jax.tree_util.keystr(path): leaf.shape
+                for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_params(config.model)))}
+    got = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    if expected != got:
+        differences = [f"{name}: model {expected.get(name)}, converted {got.get(name)}"
+                       for name in sorted(set(expected) | set(got)) if expected.get(name) != got.get(name)]
+        raise LegacyCheckpointError("converted parameters do not match the model: " + "; ".join(differences))
+
+
+def convert_legacy_checkpoint(path: str, config: Config, output_dir: str, mesh: Mesh | None = None,
+                              legacy_shards: int | None = None) -> int:
+    """Write a v1 checkpoint as a native checkpoint at step 0 (fresh optimizer state); returns that step.
+
+    The new state is laid out on ``mesh`` (default: ``make_mesh(config)``), whatever the legacy shard
+    count was. Fine-tune from it with ``device_train.py --tune-model-path output_dir``.
+    """
+    if mesh is None:
+        mesh = make_mesh(config)
+    else:
+        check_mesh_fits(config, mesh.shape["dp"], mesh.shape["fsdp"], mesh.shape["mp"])
+    trainer = Trainer(config, mesh)
+    with Checkpointer(output_dir) as existing:
+        if existing.steps():
+            raise FileExistsError(f"{output_dir} already holds checkpoints (steps {existing.steps()}); "
+                                  "convert into an empty directory")
+    params, info = read_legacy_checkpoint(path, config, config.model.param_dtype, legacy_shards)
+    _check_matches_model(params, config)
+    metadata = {
+        "config": to_json_dict(config),
+        "converted_from": {"path": info.step_dir, "layout": f"mesh-transformer-jax v1 ({info.kind})",
+                           "legacy_shards": info.shards, "legacy_step": info.step},
+    }
+    save_step_zero(trainer, params, config.train.seed, output_dir, metadata)
+    log.info("wrote %s step 0 on mesh %s from %s (legacy step %d)", output_dir, dict(mesh.shape), info.step_dir,
+             info.step)
+    return 0

@@ -19,7 +19,6 @@ from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.convert.legacy import (
     LegacyCheckpointError,
-    convert_legacy_checkpoint,
     detect_legacy_checkpoint,
     full_and_slim_leaf_counts,
     legacy_param_layout,
@@ -27,6 +26,7 @@ from mesh_transformer.convert.legacy import (
     resolve_legacy_step_dir,
 )
 from mesh_transformer.cli.legacy import main
+from mesh_transformer.convert.native import convert_legacy_checkpoint
 from mesh_transformer.models.transformer import Transformer
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.training.steps import Trainer, cross_entropy
