@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh_transformer import storage
+from mesh_transformer.data.loader import BAD_RECORD_POLICIES
 from mesh_transformer.errors import ConfigError
 from mesh_transformer.models.presets import PRESETS
 from mesh_transformer.models.registry import architecture_of, get_architecture, inferred_architecture
@@ -154,6 +155,11 @@ class TrainConfig:
     val_batches: int = 100
     log_every: int = 1
     grad_accum_dtype: str = "float32"
+    max_consecutive_bad_steps: int = 20
+    skip_step_on_spikes: bool = False
+    spike_window: int = 100
+    spike_threshold: float = 6.0
+    bad_records: str = "stop"  # a damaged tfrecord record: "stop" the run, or "skip" it (logged, counted)
 
 
 @dataclass(frozen=True)
@@ -473,8 +479,9 @@ def validate(config: Config) -> None:
                           "set lm_head_bias: false.")
     t, o = config.train, config.optimizer
     _choice(src, "grad_accum_dtype", t.grad_accum_dtype, DTYPES)
+    _choice(src, "bad_records", t.bad_records, BAD_RECORD_POLICIES)
     for key in ("per_replica_batch", "gradient_accumulation_steps", "total_steps", "ckpt_every", "val_every",
-                "keep_last", "log_every"):
+                "keep_last", "log_every", "max_consecutive_bad_steps", "spike_window", "spike_threshold"):
         _positive(src, key, getattr(t, key))
     _positive(src, "val_batches", t.val_batches, allow_zero=True)
     if t.keep_every is not None:

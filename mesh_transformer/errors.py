@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 
 class ConversionError(ValueError):
     """Tensors or files that do not match what the config says; the message names both."""
+
+
+class DataError(ValueError):
+    """Training or validation data that cannot be read as the config asks; the message names the file,
+    the byte offset where there is one, and what was expected."""

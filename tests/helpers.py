@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +31,11 @@ def counting_batch(seed: int, batch: int, seq: int, vocab: int) -> tuple[np.ndar
     starts = np.random.RandomState(seed).randint(0, vocab, (1, batch, 1))
     tokens = ((starts + np.arange(seq + 1)) % vocab).astype(np.int32)
     return tokens, np.ones(tokens.shape, np.float32)
+
+
+def strict_json(line: str) -> dict:
+    """``json.loads`` refusing the bare NaN and Infinity that JSON does not have."""
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=reject)

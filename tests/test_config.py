@@ -65,6 +65,7 @@ def test_model_dir_without_bucket_is_used_as_is():
         (dict(remat="some"), ["'remat'"]),
         (dict(total_steps=0), ["'total_steps'", "> 0"]),
         (dict(warmup_steps=-1), ["'warmup_steps'", ">= 0"]),
+        (dict(bad_records="ignore"), ["'bad_records'", "stop", "skip"]),
     ],
 )
 def test_bad_configs_name_the_key_and_the_fix(change, fragments):

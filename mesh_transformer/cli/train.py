@@ -11,7 +11,8 @@ import sys
 from mesh_transformer.cli import add_distributed_arguments, join_distributed
 from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.training.run import TrainOptions, train
+from mesh_transformer.errors import DataError
+from mesh_transformer.training.run import TrainingDiverged, TrainOptions, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         result = train(config, TrainOptions(tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt,
                                             show_progress=not args.no_progress))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     status = f"stopped at step {result.step}" if result.interrupted else f"finished at step {result.step}"
     loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
     print(f"{status}{loss}; checkpoints in {config.run.checkpoint_dir}")

@@ -18,6 +18,13 @@ parts are whole files and a stream reads only its own files.
 A ``StreamPosition`` (epoch, part, record within the part) pins down a stream's next record, so a
 loader restored from a ``LoaderState`` (one position per stream, saved in every checkpoint) yields
 the same batches an uninterrupted one would have, however the streams are spread over processes.
+
+Every record is checked as it is decoded: token ids outside ``[0, n_vocab)`` stop the loader with an
+error naming the file and the record's byte offset, and ids the tokenizer cannot produce (at or above
+``real_vocab``) are reported once per file. Damaged records (CRC mismatches, truncation, undecodable
+bytes) stop it too, unless ``bad_records="skip"``: then they are logged, counted in
+``skipped_records`` and passed over. A skipped record keeps its place in its part's order, so positions
+stay exact and a resumed loader skips the same records.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from typing import BinaryIO
 import numpy as np
 
 from mesh_transformer import storage
+from mesh_transformer.errors import DataError
 from mesh_transformer.data.tfrecord import (
+    CorruptRecordError,
     ExampleError,
     TFRecordError,
     decode_int64_features,
@@ -46,7 +55,10 @@ logger = logging.getLogger(__name__)
 
 # Where the original mesh-transformer-jax looked up bare index names (relative to the working dir).
 INDEX_DIR = "data"
-_MAX_TOKEN_ID = 2**31 - 1
+# Without the model's n_vocab, ids need only fit the int32 batches.
+_INT32_IDS = 2**31
+# What the loader does with a damaged record: end with an error, or log, count and pass over it.
+BAD_RECORD_POLICIES = ("stop", "skip")
 # Seed-sequence tags keep the file-order and record-order random streams independent.
 _FILE_ORDER_STREAM = 0
 _RECORD_ORDER_STREAM = 1
@@ -126,7 +138,7 @@ def read_index(index_url: str) -> list[str]:
     base = storage.dirname(index_url)
     paths = [line.strip() for line in text.splitlines() if line.strip()]
     if not paths:
-        raise ValueError(f"index file {index_url!r} lists no tfrecord files")
+        raise DataError(f"index file {index_url!r} lists no tfrecord files")
     return [path if _is_absolute(path) else storage.join(base, path) for path in paths]
 
 
@@ -172,6 +184,9 @@ class TFRecordLoader:
         stream_range: tuple[int, int] | None = None,
         prefetch: int = 4,
         state: LoaderState | None = None,
+        n_vocab: int | None = None,
+        real_vocab: int | None = None,
+        bad_records: str = "stop",
     ):
         self.index_url = index_url
         self.files = read_index(index_url)
@@ -182,7 +197,11 @@ class TFRecordLoader:
         self.loop = loop
         self.streams = streams
         self.stream_range = tuple(stream_range) if stream_range is not None else (0, streams)
+        self.n_vocab, self.real_vocab, self.bad_records = n_vocab, real_vocab, bad_records
         self._validate(prefetch)
+        # Written by the producer thread only: damaged records passed over, files already warned about.
+        self.skipped_records = 0
+        self._padding_reported: set[int] = set()
         self.parts_per_file = math.ceil(streams / len(self.files))
         # The producer thread reads only _start; _positions follows the batches handed out.
         self._start = self._initial_positions(state or LoaderState())
@@ -214,6 +233,8 @@ class TFRecordLoader:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        if self.bad_records not in BAD_RECORD_POLICIES:
+            raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {self.bad_records!r}")
         if self.streams < 1:
             raise ValueError(f"streams must be at least 1, got {self.streams}")
         first, stop = self.stream_range
@@ -243,9 +264,9 @@ class TFRecordLoader:
 
     def _validate_position(self, stream: int, position: StreamPosition) -> None:
         if min(position.epoch, position.part, position.record) < 0:
-            raise ValueError(f"invalid position {position} of stream {stream}: fields must be non-negative")
+            raise DataError(f"invalid position {position} of stream {stream}: fields must be non-negative")
         if position.part >= self._parts_per_epoch or position.part % self.streams != stream:
-            raise ValueError(
+            raise DataError(
                 f"position {position} of stream {stream} is not one of that stream's parts (the "
                 f"{len(self.files)} files of {self.index_url!r} make {self._parts_per_epoch} parts for "
                 f"{self.streams} streams); was the index changed since the checkpoint?"
@@ -284,15 +305,34 @@ class TFRecordLoader:
     def _record_offsets(self, file_id: int) -> np.ndarray:
         if file_id not in self._offsets:
             with self._open(file_id, _SCAN_BLOCK_BYTES) as f:
-                self._offsets[file_id] = scan_record_offsets(f, self.files[file_id])
+                self._offsets[file_id] = scan_record_offsets(f, self.files[file_id], self._on_damage)
         return self._offsets[file_id]
+
+    @property
+    def _on_damage(self):
+        """What handles a damaged record: nothing (the error stops the loader) or ``_skip_damaged``."""
+        return self._skip_damaged if self.bad_records == "skip" else None
+
+    def _skip_damaged(self, error: CorruptRecordError) -> None:
+        self.skipped_records += 1
+        logger.warning("skipping a damaged record (bad_records: skip; %d so far): %s", self.skipped_records, error)
+
+    def _read_record(self, f: BinaryIO, file_id: int, offset: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Tokens and mask of the record at ``offset``; None for a damaged record that is skipped."""
+        try:
+            return self._parse(read_record_at(f, offset, self.files[file_id]), file_id, offset)
+        except CorruptRecordError as error:
+            if self._on_damage is None:
+                raise
+            self._on_damage(error)
+            return None
 
     def _parse(self, data: bytes, file_id: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
         where = f"{self.files[file_id]}: record at byte offset {offset}"
         try:
             features = decode_int64_features(data)
         except ExampleError as e:
-            raise TFRecordError(f"{where} is not a valid tf.train.Example: {e}") from None
+            raise CorruptRecordError(f"{where} is not a valid tf.train.Example: {e}") from None
         if "text" not in features:
             raise TFRecordError(f"{where} has no int64 feature 'text' (found: {sorted(features)})")
         text = features["text"]
@@ -301,13 +341,29 @@ class TFRecordLoader:
                 f"{where} has {text.size} tokens, expected {self.seq_len_plus_one} (config `seq` + 1); "
                 f"the data was prepared for a different sequence length"
             )
-        invalid = text[(text < 0) | (text > _MAX_TOKEN_ID)]
-        if invalid.size:
-            raise TFRecordError(f"{where} holds token id {invalid[0]}, expected ids in [0, {_MAX_TOKEN_ID}]")
+        self._check_token_ids(text, file_id, where)
         mask = np.ones(self.seq_len_plus_one, dtype=np.float32)
         if "length" in features:
             mask[self._real_length(features["length"], where) :] = 0.0
         return text.astype(np.int32), mask
+
+    def _check_token_ids(self, text: np.ndarray, file_id: int, where: str) -> None:
+        limit, limit_name = (self.n_vocab, "the config's n_vocab") if self.n_vocab else (_INT32_IDS, "int32")
+        invalid = np.flatnonzero((text < 0) | (text >= limit))
+        if invalid.size:
+            raise TFRecordError(
+                f"{where} holds token id {text[invalid[0]]} at position {invalid[0]} ({invalid.size} ids out of "
+                f"range), expected ids in [0, {limit}) ({limit_name})"
+            )
+        if self.real_vocab is not None and file_id not in self._padding_reported:
+            padding = int(np.count_nonzero(text >= self.real_vocab))
+            if padding:
+                self._padding_reported.add(file_id)
+                logger.warning(
+                    "%s holds %d token ids in [%d, %d), which the tokenizer cannot produce (vocabulary padding): "
+                    "the model gives them no probability, so their loss is infinite; further ones in this file "
+                    "are not reported", where, padding, self.real_vocab, limit,
+                )
 
     def _real_length(self, length: np.ndarray, where: str) -> int:
         if length.size != 1 or not 0 <= length[0] <= self.seq_len_plus_one:
@@ -322,7 +378,7 @@ class TFRecordLoader:
         offsets = self._record_offsets(file_id)
         order = self._record_order(epoch, file_id, len(offsets))[part % self.parts_per_file :: self.parts_per_file]
         if start > len(order):
-            raise ValueError(
+            raise DataError(
                 f"loader position record {start} is past the {len(order)} records of part {part} "
                 f"({self.files[file_id]!r}); was the file changed since the checkpoint?"
             )
@@ -330,9 +386,9 @@ class TFRecordLoader:
             return
         with self._open(file_id, _READ_BLOCK_BYTES) as f:
             for index in range(start, len(order)):
-                offset = int(offsets[order[index]])
-                tokens, mask = self._parse(read_record_at(f, offset, self.files[file_id]), file_id, offset)
-                yield _Record(tokens, mask, self._position_after(epoch, part, index + 1, len(order)))
+                parsed = self._read_record(f, file_id, int(offsets[order[index]]))
+                if parsed is not None:
+                    yield _Record(*parsed, self._position_after(epoch, part, index + 1, len(order)))
 
     def _stream_records(self, stream: int) -> Iterator[_Record]:
         start = self._start[stream]
@@ -347,7 +403,7 @@ class TFRecordLoader:
             if not self.loop:
                 return
             if not read_any and first_part == stream:
-                raise ValueError(
+                raise DataError(
                     f"stream {stream} of {self.streams} found no records in epoch {epoch} of "
                     f"{self.index_url!r}; the data is too small to split into {self.streams} streams"
                 )

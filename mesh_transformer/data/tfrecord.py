@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import BinaryIO
 
 import crc32c
 import numpy as np
 
 from mesh_transformer import storage
+from mesh_transformer.errors import DataError
 
 _LENGTH = struct.Struct("<Q")
 _CRC = struct.Struct("<I")
@@ -41,12 +42,19 @@ _FEATURE_INT64_LIST = 3
 _INT64_LIST_VALUE = 1
 
 _MAX_VARINT_BYTES = 10
+# How many bytes past a damaged header are searched for the next valid one at a time.
+_RESYNC_WINDOW_BYTES = 1 << 20
 
 IntValues = Sequence[int] | np.ndarray
 
 
-class TFRecordError(ValueError):
+class TFRecordError(DataError):
     """A TFRecord file is corrupt, truncated or holds a record the reader cannot use."""
+
+
+class CorruptRecordError(TFRecordError):
+    """A record whose bytes are damaged (a CRC mismatch, a truncation, undecodable bytes), as opposed to
+    intact data that does not fit the run; the loader can be told to skip these."""
 
 
 class ExampleError(ValueError):
@@ -282,29 +290,33 @@ def _read_length(f: BinaryIO, name: str, offset: int) -> int | None:
     if not header:
         return None
     if len(header) < HEADER_SIZE:
-        raise TFRecordError(
+        raise CorruptRecordError(
             f"{name}: truncated record at byte offset {offset}: header has {len(header)} of "
             f"{HEADER_SIZE} bytes"
         )
-    length_bytes = header[: _LENGTH.size]
-    (expected_crc,) = _CRC.unpack(header[_LENGTH.size :])
-    if masked_crc32c(length_bytes) != expected_crc:
-        raise TFRecordError(f"{name}: corrupt record at byte offset {offset}: length CRC mismatch")
+    length_bytes, crc_bytes = header[: _LENGTH.size], header[_LENGTH.size :]
+    _check_crc(length_bytes, crc_bytes, f"{name}: corrupt record at byte offset {offset}: length")
     return _LENGTH.unpack(length_bytes)[0]
+
+
+def _check_crc(data: bytes, crc_bytes: bytes, what: str) -> None:
+    (stored,) = _CRC.unpack(crc_bytes)
+    computed = masked_crc32c(data)
+    if computed != stored:
+        raise CorruptRecordError(
+            f"{what} CRC mismatch: expected the stored masked CRC32C 0x{stored:08x}, the bytes give 0x{computed:08x}"
+        )
 
 
 def _read_data(f: BinaryIO, name: str, offset: int, length: int) -> bytes:
     body = f.read(length + FOOTER_SIZE)
     if len(body) < length + FOOTER_SIZE:
-        raise TFRecordError(
+        raise CorruptRecordError(
             f"{name}: truncated record at byte offset {offset}: expected {length} data bytes and a "
             f"{FOOTER_SIZE}-byte CRC, found {len(body)} bytes"
         )
-    data = body[:length]
-    (expected_crc,) = _CRC.unpack(body[length:])
-    if masked_crc32c(data) != expected_crc:
-        raise TFRecordError(f"{name}: corrupt record at byte offset {offset}: data CRC mismatch")
-    return data
+    _check_crc(body[:length], body[length:], f"{name}: corrupt record at byte offset {offset}: data")
+    return body[:length]
 
 
 def record_size(length: int) -> int:
@@ -324,23 +336,65 @@ def iter_records(f: BinaryIO, name: str) -> Iterator[tuple[int, bytes]]:
         offset += record_size(length)
 
 
-def scan_record_offsets(f: BinaryIO, name: str) -> np.ndarray:
-    """Byte offsets of all records, reading only their headers (data is skipped, not verified)."""
+def scan_record_offsets(
+    f: BinaryIO, name: str, on_damage: Callable[[CorruptRecordError], None] | None = None
+) -> np.ndarray:
+    """Byte offsets of all records, reading only their headers (data is skipped, not verified).
+
+    A damaged header or a truncated record raises ``CorruptRecordError``; given ``on_damage``, the
+    error goes to it instead and the scan goes on at the next valid header, so that only the damaged
+    record is lost (the search is deterministic: the same file always gives the same offsets).
+    """
     file_size = f.seek(0, 2)
     offsets = []
     offset = 0
     while offset < file_size:
-        f.seek(offset)
-        length = _read_length(f, name, offset)
-        end = offset + record_size(length)
-        if end > file_size:
-            raise TFRecordError(
-                f"{name}: truncated record at byte offset {offset}: it needs {record_size(length)} "
-                f"bytes but the file ends after {file_size - offset}"
-            )
+        try:
+            end = _checked_record_end(f, name, offset, file_size)
+        except CorruptRecordError as error:
+            if on_damage is None:
+                raise
+            on_damage(error)
+            offset = _next_valid_header(f, offset + 1, file_size)
+            continue
         offsets.append(offset)
         offset = end
     return np.asarray(offsets, dtype=np.int64)
+
+
+def _checked_record_end(f: BinaryIO, name: str, offset: int, file_size: int) -> int:
+    """Where the record at ``offset`` ends, after checking its header and that the file holds all of it."""
+    f.seek(offset)
+    length = _read_length(f, name, offset)
+    end = offset + record_size(length)
+    if end > file_size:
+        raise CorruptRecordError(
+            f"{name}: truncated record at byte offset {offset}: it needs {record_size(length)} "
+            f"bytes but the file ends after {file_size - offset}"
+        )
+    return end
+
+
+def _is_valid_header(header: bytes, offset: int, file_size: int) -> bool:
+    length_bytes, crc_bytes = header[: _LENGTH.size], header[_LENGTH.size :]
+    if masked_crc32c(length_bytes) != _CRC.unpack(crc_bytes)[0]:
+        return False
+    return offset + record_size(_LENGTH.unpack(length_bytes)[0]) <= file_size
+
+
+def _next_valid_header(f: BinaryIO, start: int, file_size: int) -> int:
+    """The first offset from ``start`` on that holds a valid header of a record the file holds whole,
+    or ``file_size`` when there is none. A random 8 bytes match their CRC with odds 2**-32, and a false
+    match is then caught by its data CRC."""
+    window_start = start
+    while window_start + HEADER_SIZE <= file_size:
+        f.seek(window_start)
+        window = f.read(_RESYNC_WINDOW_BYTES + HEADER_SIZE - 1)
+        for i in range(len(window) - HEADER_SIZE + 1):
+            if _is_valid_header(window[i : i + HEADER_SIZE], window_start + i, file_size):
+                return window_start + i
+        window_start += _RESYNC_WINDOW_BYTES
+    return file_size
 
 
 def read_record_at(f: BinaryIO, offset: int, name: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -19,7 +20,10 @@ from mesh_transformer.inference.text import PromptTooLong, SamplingParams, Seque
 from mesh_transformer.models.layers import LayerCache
 from mesh_transformer.sharding import fetch_to_host
 
+log = logging.getLogger(__name__)
+
 Cache = tuple[LayerCache, ...]
+SEQUENCE_FAILED = "internal error while generating this completion; see the server log"
 
 
 class DecodeModel(Protocol):
@@ -77,7 +81,8 @@ class DecodeBatch:
     next input token, its position and its sampling settings; a free row sits at position
     ``length``, so its cache writes fall off the end and are dropped. ``step`` runs
     ``steps_per_call`` decode steps per device call; a sequence that finishes within a call has its
-    later tokens ignored.
+    later tokens ignored. An error in one sequence's host-side work (its settings, its text) ends
+    that sequence alone (``SequenceState.fail``); the others go on.
     """
 
     def __init__(self, generator: DecodeModel, capacity: int, max_length: int, steps_per_call: int = 1) -> None:
@@ -114,18 +119,22 @@ class DecodeBatch:
         targets = np.full(group, self.rows, np.int32)  # padding rows write nowhere
         controls = host_controls(group)
         for row, (sequence, slot) in enumerate(zip(sequences, free)):
-            tokens[row, :len(sequence.prompt)] = sequence.prompt
-            lengths[row], targets[row] = len(sequence.prompt), slot
-            set_controls(controls, row, sequence)
+            _isolated(sequence, set_controls, controls, row, sequence)
+            if not sequence.finished:
+                tokens[row, :len(sequence.prompt)] = sequence.prompt
+                lengths[row], targets[row] = len(sequence.prompt), slot
         fresh, choice = self.gen.prefill(tokens, lengths, Controls(**controls))
         self.cache = insert_rows(self.cache, fresh, targets)
         choice = fetch_to_host(choice)
         updates = []
         for row, (sequence, slot) in enumerate(zip(sequences, free)):
-            self.slots[slot] = sequence
-            set_controls(self.controls, slot, sequence)
-            self.position[slot] = len(sequence.prompt) - 1
-            updates.append((sequence, self._record(slot, choice, row)))
+            if not sequence.finished:
+                self.slots[slot] = sequence
+                set_controls(self.controls, slot, sequence)
+                self.position[slot] = len(sequence.prompt) - 1
+                updates.append((sequence, self._record(slot, choice, row)))
+            else:  # failed above: its request hears of it
+                updates.append((sequence, ""))
         return updates
 
     def step(self) -> list[tuple[SequenceState, str]]:
@@ -181,12 +190,12 @@ class DecodeBatch:
         token = int(choice.token[row])
         top_n = sequence.params.logprobs or 0
         top = tuple(zip(choice.top_ids[row, :top_n].tolist(), choice.top_logprobs[row, :top_n].tolist()))
-        piece = sequence.append(token, TokenLogprob(token, float(choice.logprob[row]), top))
+        piece = _isolated(sequence, sequence.append, token, TokenLogprob(token, float(choice.logprob[row]), top))
         self.next_token[slot] = token
         self.position[slot] += 1
         if sequence.finished:
             self.release(sequence)
-        return piece
+        return piece or ""
 
     def release(self, sequence: SequenceState) -> None:
         """Free the row of a finished or cancelled sequence."""
@@ -247,6 +256,18 @@ def _compile_insert_rows(cache: Cache, fresh: Cache) -> None:
 def _compile_resize(cache: Cache, shape: tuple[int, int], sharding: NamedSharding) -> None:
     rows, length = shape
     resize_cache.lower(cache, np.zeros(rows, np.int32), length, sharding).compile()
+
+
+def _isolated(sequence: SequenceState, work, *args):
+    """``work(*args)``, host-side work for one sequence; an error fails that sequence only (and is
+    logged) and gives None."""
+    try:
+        return work(*args)
+    except Exception:  # the isolation boundary: whatever went wrong, the batch's other sequences go on
+        log.exception("a sequence failed (prompt of %d tokens, %d generated); ending it alone",
+                      len(sequence.prompt), len(sequence.tokens))
+        sequence.fail(SEQUENCE_FAILED)
+        return None
 
 
 def _resized(current: int, target: int) -> int:

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 from mesh_transformer.tokenizer import Tokenizer
 
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token, at most
-FINISH_STOP, FINISH_LENGTH = "stop", "length"
+MAX_TOP_K = 2**31 - 1  # top_k travels to the device as int32
+MAX_CHARACTER_TOKENS = 4  # a UTF-8 character has at most 4 bytes, so its bytes span at most 4 tokens
+FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
 
 
 class PromptTooLong(ValueError):
     """A prompt that leaves no room for a new token in the context window."""
+
+
+class SequenceFailed(RuntimeError):
+    """A sequence ended by an error in its own host-side work; the other sequences went on."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class SamplingParams:
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
             ("temperature", 0.0 <= self.temperature < float("inf"), "must be a finite number >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 turns it off)"),
+            ("top_k", 0 <= self.top_k <= MAX_TOP_K, f"must be between 0 and {MAX_TOP_K} (0 turns it off)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**64, "must be in [0, 2**64)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
@@ -79,6 +85,21 @@ class IncrementalDecoder:
         self.ids: list[int] = []
         self.prefix = 0  # window start
         self.read = 0  # ids before this are already in the text
+
+    def start_after(self, prompt: Sequence[int]) -> int:
+        """Continue after ``prompt``; returns how many of its tokens decode to finished characters. The
+        rest (the bytes of an unfinished last character) are held back, so that the first new tokens
+        complete the character instead of both halves showing as U+FFFD."""
+        complete = len(prompt)
+        while complete > max(0, len(prompt) - MAX_CHARACTER_TOKENS + 1) and self._unfinished(
+                prompt[max(0, complete - MAX_CHARACTER_TOKENS):complete]):
+            complete -= 1
+        start = max(0, complete - 1)  # one finished token of context, as ``push`` keeps
+        self.ids, self.prefix, self.read = list(prompt[start:]), 0, complete - start
+        return complete
+
+    def _unfinished(self, ids: Sequence[int]) -> bool:
+        return self.tokenizer.decode(ids).endswith("\ufffd")
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -123,7 +144,10 @@ class SequenceState:
         self.text = ""
         self.finish_reason: str | None = None if self.limit > 0 else FINISH_LENGTH
         self._offsets: list[int] = []  # where each token's text starts
+        self.error: str | None = None
         self._decoder = IncrementalDecoder(tokenizer)
+        # Prompt tokens after these end in an unfinished character, which the new tokens may finish.
+        self.complete_prompt_tokens = self._decoder.start_after(prompt) if self.limit > 0 else len(prompt)
         self._released = 0
         self._searched = 0
 
@@ -195,6 +219,13 @@ class SequenceState:
     def cancel(self, reason: str) -> None:
         self.finish_reason = self.finish_reason or reason
 
+    def fail(self, message: str) -> None:
+        """End this sequence with an error; ``message`` is what its request is told."""
+        self.error = self.error or message
+        self.cancel(FINISH_ERROR)
+
     def completion(self) -> Completion:
+        if self.error:
+            raise SequenceFailed(self.error)
         return Completion(self.text, list(self.tokens), list(self.logprobs) if self.params.logprobs is not None
                           else None, self.finish_reason or FINISH_LENGTH, len(self.prompt))

@@ -3,7 +3,8 @@
 HTTP handlers (on the asyncio loop) submit a ``Ticket`` holding a request's sequences and read
 ``Update``s from it. The thread admits waiting sequences into free slots between decode calls, runs
 the decode calls, and hands each piece of new text back to the ticket's loop. Finished and cancelled
-sequences leave the batch at once, so their slots are free for the next call.
+sequences leave the batch at once, so their slots are free for the next call. A sequence that fails
+alone (see ``DecodeBatch``) sends its error to its own ticket; the other tickets go on.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Ticket:
 
     def __init__(self, sequences: list[SequenceState], loop: asyncio.AbstractEventLoop) -> None:
         self.sequences = sequences
+        # Fixed now, not read later from the sequences: the decode thread may finish them before the
+        # handler starts reading, and each of these still sends its updates, the last with a finish.
+        self.generating = tuple(i for i, s in enumerate(sequences) if not s.finished)
         self.updates: asyncio.Queue[Update] = asyncio.Queue()
         self.cancelled = False
         self._loop = loop
@@ -60,14 +64,14 @@ class Ticket:
         if sequence.params.logprobs is not None:
             logprobs, offsets = sequence.logprobs[sent:settled], sequence.token_offsets[sent:settled]
         self._sent_tokens[index] = max(sent, settled)
-        self._send(Update(index, text, logprobs, offsets, sequence.finish_reason))
+        self._send(Update(index, text, logprobs, offsets, sequence.finish_reason, sequence.error))
 
     def fail(self, message: str) -> None:
         self.cancelled = True
         for index, sequence in enumerate(self.sequences):
             if not sequence.finished:
-                sequence.cancel("error")
-                self._send(Update(index, "", [], [], "error", message))
+                sequence.fail(message)
+                self._send(Update(index, "", [], [], sequence.finish_reason, message))
 
     def _send(self, update: Update) -> None:
         try:
@@ -104,7 +108,7 @@ class Scheduler:
 
     def submit(self, ticket: Ticket) -> None:
         """Queue the ticket's unfinished sequences; raises QueueFull when the queue is at its bound."""
-        waiting = [(ticket, i) for i, s in enumerate(ticket.sequences) if not s.finished]
+        waiting = [(ticket, i) for i in ticket.generating]
         with self._wake:
             if len(self._waiting) + len(waiting) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} sequences are waiting (the queue holds {self.max_queue})")

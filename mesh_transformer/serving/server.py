@@ -31,7 +31,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from mesh_transformer.inference.engine import Generator
 from mesh_transformer.inference.scoring import prompt_logprobs
-from mesh_transformer.inference.text import MAX_TOP_LOGPROBS, SamplingParams, SequenceState, TokenLogprob, text_offsets
+from mesh_transformer.inference.text import (MAX_TOP_K, MAX_TOP_LOGPROBS, SamplingParams, SequenceState, TokenLogprob,
+                                             text_offsets)
 from mesh_transformer.serving.scheduler import QueueFull, Scheduler, Ticket, Update
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class LegacyRequest(BaseModel):
     top_p: float = Field(0.9, gt=0.0, le=1.0)
     temp: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     length: int = Field(LEGACY_LENGTH, ge=1, description="new tokens (the original always made 256)")
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
 
 
 class LegacyResponse(BaseModel):
@@ -112,7 +113,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)
@@ -263,8 +264,9 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
 
 
 async def _updates(ticket: Ticket, request: Request, deadline: float, watch_disconnect: bool) -> AsyncIterator[Update]:
-    """The ticket's updates until every sequence has finished; cancels it on timeout or disconnect."""
-    unfinished = sum(not s.finished for s in ticket.sequences)
+    """The ticket's updates until every sequence has finished; cancels it on timeout, disconnect or an
+    error in one of its sequences (500: the request fails, the server goes on)."""
+    unfinished = len(ticket.generating)
     while unfinished:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -278,6 +280,7 @@ async def _updates(ticket: Ticket, request: Request, deadline: float, watch_disc
                 raise ApiError(499, "client disconnected", kind="cancelled") from None
             continue
         if update.error:
+            ticket.cancel()
             raise ApiError(500, update.error, kind="server_error")
         unfinished -= update.finish_reason is not None
         yield update
@@ -382,13 +385,22 @@ def _plan_choices(body: CompletionRequest, generator: Generator, settings: Serve
     for prompt in prompts:
         ids = _encode_prompt(generator, prompt, "prompt")
         _check_fits(generator, ids, body.max_tokens, "prompt", "max_tokens")
-        text = prompt if isinstance(prompt, str) else generator.tokenizer.decode(ids)
-        for i in range(body.n):
-            seed = None if body.seed is None else (body.seed + i) % 2**64
-            params = SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                    top_p=body.top_p, seed=seed, stop=tuple(body.stop or ()), logprobs=body.logprobs)
-            plans.append(ChoicePlan(len(plans), text, ids, generator.sequence(ids, params)))
+        sequences = [generator.sequence(ids, _sampling_params(body, i)) for i in range(body.n)]
+        text = prompt if isinstance(prompt, str) else _prompt_text(generator, ids, sequences[0])
+        plans += [ChoicePlan(len(plans) + i, text, ids, sequence) for i, sequence in enumerate(sequences)]
     return plans
+
+
+def _sampling_params(body: CompletionRequest, choice: int) -> SamplingParams:
+    seed = None if body.seed is None else (body.seed + choice) % 2**64
+    return SamplingParams(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                          top_p=body.top_p, seed=seed, stop=tuple(body.stop or ()), logprobs=body.logprobs)
+
+
+def _prompt_text(generator: Generator, ids: list[int], sequence: SequenceState) -> str:
+    """The text echoed for a token-id prompt: up to an unfinished last character, which the
+    completion's text starts by finishing."""
+    return generator.tokenizer.decode(ids[:sequence.complete_prompt_tokens])
 
 
 def _scored_prompt(generator: Generator, ids: list[int], top_n: int) -> tuple[list[TokenLogprob | None], list[int]]:
@@ -419,8 +431,8 @@ async def _stream(plans: list[ChoicePlan], ticket: Ticket, request: Request, dea
                 text=p.prompt_text, index=p.index,
                 logprobs=formatter.echo_logprobs(p) if formatter.body.logprobs is not None else None)
                 for p in plans])
-        for plan in plans:  # sequences that asked for no new tokens are already finished
-            if plan.sequence.finished:
+        for plan in plans:  # sequences that asked for no new tokens finished before they were queued
+            if plan.index not in ticket.generating:
                 yield formatter.chunk([CompletionChoice(text="", index=plan.index,
                                                         finish_reason=_public_reason(plan.sequence.finish_reason))])
         async for update in _updates(ticket, request, deadline, watch_disconnect=False):
@@ -606,13 +618,15 @@ class RequireApiKey:
     OPEN_PATHS = ("/health",)
 
     def __init__(self, app, api_key: str | None) -> None:
-        self.app, self.api_key = app, api_key
+        self.app, self.api_key = app, api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and self.api_key and scope["path"] not in self.OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            # Compared as the bytes sent, against the key's UTF-8 bytes: decoding the header (HTTP says
+            # Latin-1) and re-encoding would never match a non-ASCII key.
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.api_key):
                 return await _send_error(scope, receive, send, 401,
                                          "missing or invalid API key (send Authorization: Bearer KEY)",
                                          "authentication_error", {"WWW-Authenticate": "Bearer"})

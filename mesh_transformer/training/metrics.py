@@ -31,6 +31,12 @@ def _json_value(value: Any) -> Any:
     return array.item()
 
 
+def _strict_json_value(value: Any) -> Any:
+    """``null`` for NaN and infinities: JSON has no such numbers, and strict parsers reject the bare
+    ``NaN`` / ``Infinity`` that Python's json module writes by default."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _parse_line(line: str) -> dict | None:
     try:
         record = json.loads(line)
@@ -41,6 +47,8 @@ def _parse_line(line: str) -> dict | None:
 
 class MetricsLogger:
     """Writes one JSON object per ``log`` call to ``path``: ``{"step": ..., **metrics, "time": unix}``.
+
+    Non-finite values are written as ``null`` (wandb and TensorBoard get them as they are).
 
     Local files are appended to and flushed per line. Object stores cannot append, so for URLs the
     lines are kept in memory and the whole object is rewritten at most every ``flush_interval_s``
@@ -99,7 +107,8 @@ class MetricsLogger:
         if clashing:
             raise ValueError(f"metric names {clashing} are reserved by the metrics log {self.path}")
         values = {key: _json_value(value) for key, value in metrics.items()}
-        line = json.dumps({"step": int(step), **values, "time": time.time()}) + "\n"
+        strict = {key: _strict_json_value(value) for key, value in values.items()}
+        line = json.dumps({"step": int(step), **strict, "time": time.time()}, allow_nan=False) + "\n"
         if self._file is not None:
             self._file.write(line)
             self._file.flush()

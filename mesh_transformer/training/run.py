@@ -33,11 +33,12 @@ from mesh_transformer.models.outputs import real_vocab_size
 from mesh_transformer.models.transformer import non_embedding_params
 from mesh_transformer.sharding import data_parallel_size, make_mesh
 from mesh_transformer.tokenizer import load_tokenizer
-from mesh_transformer.training.steps import Trainer, TrainState
+from mesh_transformer.training.steps import StepGuard, Trainer, TrainState, all_finite
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+UNGUARDED_FIELDS = ("step", "params", "opt_state", "rng")  # what every checkpoint holds, old or new
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class TrainResult:
     step: int
     interrupted: bool
     last_loss: float | None
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many bad steps in a row, or a state that is no longer finite: going on would only waste time."""
 
 
 class StopRequest:
@@ -168,14 +173,16 @@ class TrainingRun:
         rows_per_stream = self.global_batch // self.data_streams
         return TFRecordLoader(resolve_index(index), self.config.model.seq + 1, (microbatches, stop - start),
                               streams=self.data_streams,
-                              stream_range=(start // rows_per_stream, stop // rows_per_stream), **options)
+                              stream_range=(start // rows_per_stream, stop // rows_per_stream),
+                              n_vocab=self.config.model.n_vocab, real_vocab=self.trainer.real_vocab,
+                              bad_records=self.config.train.bad_records, **options)
 
     # ----- state -----
     def _initial_state(self) -> tuple[TrainState, LoaderState | None]:
         latest = self.checkpointer.latest_step()
         if latest is not None:
             log.info("resuming from %s step %d", self.run_dir, latest)
-            state, meta = self.checkpointer.restore(self.trainer.abstract_state(), latest)
+            state, meta = self._restored_state(self.checkpointer, latest)
             self.metrics.truncate_after(latest)
             # Checkpoints written by conversions (HF import, legacy) carry no data position: start fresh.
             saved_position = meta.get("train_loader")
@@ -195,8 +202,27 @@ class TrainingRun:
                 restored, _ = source.restore(abstract, step, restore_keys=("params",))
                 return self.trainer.state_from_params(restored["params"], self.config.train.seed)
             else:
-                state, _ = source.restore(abstract, step)
-        return state.replace(step=jax.device_put(np.int32(0), abstract.step.sharding))
+                state, _ = self._restored_state(source, step)
+        # A fine-tune starts a new run: its own step count and its own loss history for spike detection.
+        return state.replace(step=jax.device_put(np.int32(0), abstract.step.sharding), guard=self._fresh_guard())
+
+    def _fresh_guard(self) -> StepGuard:
+        return jax.device_put(StepGuard.fresh(), self.trainer.state_shardings().guard)
+
+    def _restored_state(self, checkpointer: Checkpointer, step: int) -> tuple[TrainState, dict]:
+        """The train state saved as ``step``, and its metadata.
+
+        Checkpoints written before bad steps were skipped hold no ``guard``: they get a fresh one.
+        """
+        abstract = self.trainer.abstract_state()
+        restored, meta = checkpointer.restore(abstract, step, restore_keys=UNGUARDED_FIELDS)
+        try:
+            guard = checkpointer.restore(abstract, step, restore_keys=("guard",))[0]["guard"]
+        except ValueError:
+            log.info("checkpoint step %d in %s predates bad-step tracking: starting its count at 0",
+                     step, checkpointer.directory)
+            guard = self._fresh_guard()
+        return TrainState(**restored, guard=guard), meta
 
     # ----- data -----
     def _train_loader(self, state: LoaderState | None) -> TFRecordLoader:
@@ -240,6 +266,10 @@ class TrainingRun:
     # ----- the loop -----
     def _save(self, state: TrainState, loader: TFRecordLoader, force: bool = False) -> None:
         step = int(state.step)
+        if not bool(all_finite((state.params, state.opt_state))):
+            # Only an accepted update that overflowed gets here; skipped steps never change the state.
+            raise TrainingDiverged(f"step {step}: parameters or optimizer state are not finite; not saving it. "
+                                   f"{self._newest_checkpoint_line()}")
         self.metrics.flush()  # object stores buffer metric lines; never lose those a checkpoint covers
         loader_state = self._gathered_loader_state(loader)
         self.checkpointer.save(step, state, {"train_loader": loader_state.to_dict(), "step": step,
@@ -260,7 +290,8 @@ class TrainingRun:
         log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
                  dict(self.mesh.shape), self.global_batch, cfg.gradient_accumulation_steps, flops_per_token,
                  peak, peak_source)
-        stop, stopping, last_loss, step = StopRequest(), False, None, start
+        stop, stopping, last_loss, step, save_due = StopRequest(), False, None, start, False
+        self._skipped_seen = int(state.guard.skipped)
         bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True,
                    disable=not self.options.show_progress or jax.process_index() != 0)
         with self._train_loader(loader_state) as loader, stop.installed(), bar:
@@ -270,12 +301,16 @@ class TrainingRun:
                 step += 1
                 stopping = any_process(bool(stop))  # with several processes, one tiny collective per step
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.total_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                logging_step = step % cfg.log_every == 0 or step == cfg.total_steps
+                save_due = save_due or step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping
+                if logging_step or save_due:
+                    metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                    self._check_bad_steps(step, metrics)
+                if logging_step:
                     elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                     tokens_per_sec = self.tokens_per_step * (step - tick_step) / elapsed
                     tick_step, last_loss = step, metrics["loss"]
-                    record = {f"train/{k}": v for k, v in metrics.items()}
+                    record = {f"train/{k}": v for k, v in metrics.items() if k != "bad_streak"}
                     record["train/tokens_per_sec"] = tokens_per_sec
                     record["train/mfu"] = mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)
                     self.metrics.log(step, record)
@@ -285,13 +320,44 @@ class TrainingRun:
                     paused = time.perf_counter()
                     self._evaluate(step, state.params, eval_step)
                     tick += time.perf_counter() - paused  # evaluation time is not training throughput
-                if step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping:
+                if save_due and metrics["bad_streak"] == 0:
                     self._save(state, loader, force=stopping)
+                    save_due = False
         self.checkpointer.wait()
+        if save_due:
+            log.warning("step %d not saved: the last %d steps were skipped as bad. %s", step,
+                        metrics["bad_streak"], self._newest_checkpoint_line())
         if stopping:
             log.warning("stopped by %s at step %d; run the same command to resume",
                         stop.signal_name or "a signal to another process", step)
         return TrainResult(start, step, stopping, last_loss)
+
+    def _check_bad_steps(self, step: int, metrics: dict) -> None:
+        """Log steps skipped since the last check; stop once ``max_consecutive_bad_steps`` came in a row.
+
+        Checked at every metrics record and every checkpoint, so with ``log_every`` > 1 the run may
+        stop up to ``log_every - 1`` steps after the limit; skipped steps change nothing meanwhile.
+        """
+        newly_skipped = metrics["skipped"] - self._skipped_seen
+        self._skipped_seen = metrics["skipped"]
+        if newly_skipped:
+            log.warning("step %d: %d more step(s) skipped as bad (loss %s, gradient norm %s), %d in a row, %d in all; "
+                        "parameters and optimizer state left unchanged", step, newly_skipped, metrics["loss"],
+                        metrics["grad_norm"], metrics["bad_streak"], metrics["skipped"])
+        limit = self.config.train.max_consecutive_bad_steps
+        if metrics["bad_streak"] >= limit:
+            raise TrainingDiverged(
+                f"stopped at step {step}: {metrics['bad_streak']} steps in a row were bad (limit "
+                f"max_consecutive_bad_steps={limit}; last loss {metrics['loss']}, gradient norm "
+                f"{metrics['grad_norm']}). {self._newest_checkpoint_line()} Lower lr or check the data.")
+
+    def _newest_checkpoint_line(self) -> str:
+        """Where a resume would start, once the save in flight (if any) has finished."""
+        self.checkpointer.wait()
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return f"No checkpoint in {self.run_dir}."
+        return f"The newest checkpoint is step {latest} in {self.run_dir}."
 
     def _evaluate(self, step: int, params, eval_step) -> None:
         """The validation loss and the config's harness tasks, logged at ``step``."""

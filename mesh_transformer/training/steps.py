@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
+from mesh_transformer.config import Config, ModelConfig, OptimizerConfig, TrainConfig
 from mesh_transformer.models.outputs import token_logprobs
 from mesh_transformer.models.transformer import (STACKED_LAYERS, Block, Transformer, abstract_params, default_positions,
                                                  layer_windows)
@@ -24,11 +24,38 @@ BATCH_AXES = ("microbatch", "batch", "length")
 
 
 @flax.struct.dataclass
+class StepGuard:
+    """What the train step needs to judge a step bad: the current run of bad steps and the loss statistics.
+
+    Part of the train state (and so of every checkpoint), so a resumed run judges spikes against the
+    same history and reports the same skipped-step count as an uninterrupted one.
+    """
+
+    bad_streak: jax.Array  # consecutive skipped steps up to now
+    skipped: jax.Array  # skipped steps in the whole run
+    accepted: jax.Array  # steps whose loss went into the statistics below
+    loss_mean: jax.Array  # exponential moving average of accepted losses
+    loss_var: jax.Array  # and of their squared deviation from that average
+
+    @classmethod
+    def fresh(cls) -> "StepGuard":
+        # One array per field: a train step donates its state, and a buffer may not be donated twice.
+        def count():
+            return jnp.zeros((), jnp.int32)
+
+        def stat():
+            return jnp.zeros((), jnp.float32)
+
+        return cls(bad_streak=count(), skipped=count(), accepted=count(), loss_mean=stat(), loss_var=stat())
+
+
+@flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    guard: StepGuard
 
 
 def gpt3_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
@@ -73,6 +100,53 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
         optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
     )
+
+
+def is_spike(guard: StepGuard, loss: jax.Array, cfg: TrainConfig) -> jax.Array:
+    """Whether ``loss`` is more than ``spike_threshold`` standard deviations above the running mean.
+
+    Never a spike while the statistics cover fewer than ``spike_window`` accepted steps: the early
+    losses of a run fall too fast for a mean over them to say what is normal.
+    """
+    if not cfg.skip_step_on_spikes:
+        return jnp.zeros((), bool)
+    warmed_up = guard.accepted >= cfg.spike_window
+    return warmed_up & (loss > guard.loss_mean + cfg.spike_threshold * jnp.sqrt(guard.loss_var))
+
+
+def judged(guard: StepGuard, loss: jax.Array, grad_norm: jax.Array, cfg: TrainConfig) -> tuple[jax.Array, StepGuard]:
+    """Whether to apply this step's update, and the guard after it.
+
+    A step is bad when its loss or gradient norm is not finite, or (optionally) its loss is a spike.
+    Only accepted losses enter the moving average (span ``spike_window``), so a spike does not raise
+    the bar for the next one.
+    """
+    bad = ~jnp.isfinite(loss) | ~jnp.isfinite(grad_norm) | is_spike(guard, loss, cfg)
+    alpha = 2.0 / (cfg.spike_window + 1.0)
+    delta = loss - guard.loss_mean
+    # The first accepted loss is the mean; averaging it with the initial 0 would bias the mean low.
+    mean = jnp.where(guard.accepted == 0, loss, guard.loss_mean + alpha * delta)
+    var = jnp.where(guard.accepted == 0, 0.0, (1.0 - alpha) * (guard.loss_var + alpha * jnp.square(delta)))
+    bad_i = bad.astype(jnp.int32)
+    return ~bad, StepGuard(
+        bad_streak=(guard.bad_streak + 1) * bad_i,
+        skipped=guard.skipped + bad_i,
+        accepted=guard.accepted + 1 - bad_i,
+        loss_mean=jnp.where(bad, guard.loss_mean, mean).astype(jnp.float32),
+        loss_var=jnp.where(bad, guard.loss_var, var).astype(jnp.float32),
+    )
+
+
+def kept_unless(accept: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where the step is accepted, else ``old`` bit for bit (a select XLA fuses into the update)."""
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite (integer leaves always are)."""
+    floating = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floating]))
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0,
@@ -120,7 +194,7 @@ class Trainer:
     def _state_from_params(self, params, rng: jax.Array) -> TrainState:
         # The key is stored as raw uint32 data so checkpoints hold plain arrays.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params),
-                          rng=jax.random.key_data(rng))
+                          rng=jax.random.key_data(rng), guard=StepGuard.fresh())
 
     def state_shardings(self) -> TrainState:
         """NamedShardings of every leaf of the train state, derived from the logical names."""
@@ -133,7 +207,8 @@ class Trainer:
             transform_non_params=lambda _: replicated,
             is_leaf=lambda x: isinstance(x, NamedSharding),
         )
-        return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+        return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
+                          guard=jax.tree.map(lambda _: replicated, abstract.guard))
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and target shardings of the state, e.g. for restoring a checkpoint."""
@@ -234,12 +309,20 @@ class Trainer:
         return loss, count, {**acc_outer, STACKED_LAYERS: acc_blocks}
 
     def _train_step(self, state: TrainState, tokens: jax.Array, mask: jax.Array):
+        """One optimizer step; a bad step (see ``judged``) leaves parameters and optimizer state unchanged.
+
+        The step counter advances either way, as the data position does, so a bad batch is not retried.
+        """
         loss, grads = self._accumulated_grads(state.params, tokens, mask)
+        grad_norm = optax.tree.norm(grads)
+        accept, guard = judged(state.guard, loss, grad_norm, self.config.train)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         lr = gpt3_schedule(self.config.optimizer)(state.step)
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
-        metrics = {"loss": loss, "learning_rate": lr, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        metrics = {"loss": loss, "learning_rate": lr, "grad_norm": grad_norm, "skipped": guard.skipped,
+                   "bad_streak": guard.bad_streak}
+        return state.replace(step=state.step + 1, params=kept_unless(accept, params, state.params),
+                             opt_state=kept_unless(accept, opt_state, state.opt_state), guard=guard), metrics
 
     def _eval_step(self, params, tokens: jax.Array, mask: jax.Array):
         def micro(carry, batch):

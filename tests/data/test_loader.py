@@ -15,7 +15,14 @@ from mesh_transformer.data.loader import (
     read_index,
     resolve_index,
 )
-from mesh_transformer.data.tfrecord import TFRecordError, open_writer
+from mesh_transformer.data.tfrecord import (
+    HEADER_SIZE,
+    CorruptRecordError,
+    TFRecordError,
+    TFRecordWriter,
+    open_writer,
+    scan_record_offsets,
+)
 
 L = 6  # seq_len_plus_one used throughout
 
@@ -245,6 +252,97 @@ def test_negative_token_ids_are_rejected(tmp_path):
     with TFRecordLoader(str(tmp_path / "bad.index"), L, (1,)) as loader:
         with pytest.raises(TFRecordError, match="token id -5"):
             next(loader)
+
+
+def _offsets(path):
+    with open(path, "rb") as f:
+        return scan_record_offsets(f, str(path))
+
+
+def write_single_file_set(tmp_path, records):
+    """One tfrecord file of ``records`` (token lists) and its index; returns the index."""
+    with open_writer(str(tmp_path / "one.tfrecords")) as writer:
+        for tokens in records:
+            writer.write_example({"text": tokens})
+    (tmp_path / "one.index").write_text("one.tfrecords\n")
+    return str(tmp_path / "one.index")
+
+
+def test_ids_at_or_above_n_vocab_name_file_offset_and_the_limit(tmp_path):
+    index = write_single_file_set(tmp_path, [[1] * L, [1, 2, 300, 3, 264, 4]])
+    second_offset = _offsets(tmp_path / "one.tfrecords")[1]
+    with TFRecordLoader(index, L, (2,), shuffle=False, n_vocab=264) as loader, pytest.raises(TFRecordError) as error:
+        next(loader)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message == (f"{tmp_path / 'one.tfrecords'}: record at byte offset {second_offset} holds token id 300 at "
+                       "position 2 (2 ids out of range), expected ids in [0, 264) (the config's n_vocab)")
+
+
+def test_padding_ids_warn_once_per_file_with_a_count(tmp_path, caplog):
+    index = write_single_file_set(tmp_path, [[1, 258, 260, 1, 1, 1], [259] * L, [1] * L])
+    with TFRecordLoader(index, L, (3,), shuffle=False, n_vocab=264, real_vocab=257) as loader:
+        batch = next(loader)
+    assert batch.tokens[0, 1] == 258  # a warning, not an error: the ids reach the batch
+    warnings = [r.getMessage() for r in caplog.records if "cannot produce" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "record at byte offset 0 holds 2 token ids in [257, 264)" in warnings[0]
+    assert "one.tfrecords" in warnings[0]
+
+
+def damage_dataset(directory):
+    """In the 5-file dataset: record 1 of file 0 gets a bad length CRC, record 2 of file 2 a bad data CRC."""
+    for file_id, record, where in ((0, 1, 1), (2, 2, HEADER_SIZE + 1)):
+        path = directory / f"train_{file_id}.tfrecords"
+        data = bytearray(path.read_bytes())
+        data[int(_offsets(path)[record]) + where] ^= 0xFF
+        path.write_bytes(bytes(data))
+    return {(0, 1), (2, 2)}
+
+
+def test_a_damaged_record_stops_the_loader_with_a_one_line_error(dataset, tmp_path):
+    damage_dataset(tmp_path)
+    with TFRecordLoader(dataset, L, (1,), shuffle=False) as loader, pytest.raises(CorruptRecordError) as error:
+        take(loader, 20)
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(f"{tmp_path / 'train_0.tfrecords'}: corrupt record at byte offset ")
+
+
+def test_skip_passes_over_damaged_records_and_counts_them(dataset, tmp_path, caplog):
+    damaged = damage_dataset(tmp_path)
+    with TFRecordLoader(dataset, L, (1,), shuffle=False, loop=False, bad_records="skip") as loader:
+        records = [record for batch in loader for record in ids(batch)]
+        assert loader.skipped_records == 2
+    assert records == [r for r in ALL_RECORDS if r not in damaged]
+    assert caplog.text.count("skipping a damaged record") == 2
+
+
+def test_skip_passes_over_records_that_are_not_examples(tmp_path):
+    index = write_single_file_set(tmp_path, [[1] * L])
+    with open(tmp_path / "one.tfrecords", "ab") as f:
+        TFRecordWriter(f).write(b"\xff\xff")  # intact framing around bytes that are no protobuf
+    with TFRecordLoader(index, L, (1,), shuffle=False, loop=False, bad_records="skip") as loader:
+        assert [ids(b) for b in loader] == [[(1, 1)]]
+        assert loader.skipped_records == 1
+
+
+@pytest.mark.parametrize("consumed", [1, 2, 3, 5])  # 6 batches of 3 make the 18 intact records of an epoch
+def test_skip_resumes_exactly_skipping_the_same_records(dataset, tmp_path, consumed):
+    damage_dataset(tmp_path)
+    options = dict(seed=5, bad_records="skip")
+    with TFRecordLoader(dataset, L, (3,), **options) as loader:
+        expected = [ids(b) for b in take(loader, 9)]
+    with TFRecordLoader(dataset, L, (3,), **options) as loader:
+        take(loader, consumed)
+        state = LoaderState.from_dict(loader.state().to_dict())
+    with TFRecordLoader(dataset, L, (3,), state=state, **options) as restored:
+        assert [ids(b) for b in take(restored, 9 - consumed)] == expected[consumed:]
+        assert restored.skipped_records >= 1
+
+
+def test_bad_records_policy_is_checked(dataset):
+    with pytest.raises(ValueError, match="bad_records must be one of"):
+        TFRecordLoader(dataset, L, (1,), bad_records="ignore")
 
 
 def test_length_feature_masks_padding(tmp_path):

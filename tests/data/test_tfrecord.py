@@ -11,6 +11,8 @@ import pytest
 
 from mesh_transformer import storage
 from mesh_transformer.data.tfrecord import (
+    HEADER_SIZE,
+    CorruptRecordError,
     ExampleError,
     TFRecordError,
     TFRecordWriter,
@@ -168,6 +170,38 @@ def test_truncated_file(tmp_path, cut):
     for read in (lambda f: list(iter_records(f, str(path))), lambda f: scan_record_offsets(f, str(path))):
         with open(path, "rb") as f, pytest.raises(TFRecordError, match=expected):
             read(f)
+
+
+def test_crc_errors_are_one_line_and_say_what_was_expected(tmp_path):
+    path, offsets = _three_record_file(tmp_path)
+    _corrupt(path, int(offsets[0]) + 1)
+    with open(path, "rb") as f, pytest.raises(CorruptRecordError) as error:
+        scan_record_offsets(f, str(path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: corrupt record at byte offset 0: length CRC mismatch: expected")
+
+
+def _skipping_scan(path):
+    damage = []
+    with open(path, "rb") as f:
+        return scan_record_offsets(f, str(path), on_damage=damage.append).tolist(), damage
+
+
+def test_scan_with_on_damage_resumes_at_the_next_valid_header(tmp_path):
+    path, offsets = _three_record_file(tmp_path)
+    _corrupt(path, int(offsets[1]) + 1)  # the length of the middle record
+    found, damage = _skipping_scan(path)
+    assert found == [offsets[0], offsets[2]]
+    assert len(damage) == 1 and f"byte offset {offsets[1]}: length CRC" in str(damage[0])
+
+
+def test_scan_with_on_damage_drops_a_truncated_last_record(tmp_path):
+    path, offsets = _three_record_file(tmp_path)
+    path.write_bytes(path.read_bytes()[: int(offsets[2]) + HEADER_SIZE + 1])
+    found, damage = _skipping_scan(path)
+    assert found == offsets[:2].tolist()
+    assert len(damage) == 1 and f"truncated record at byte offset {offsets[2]}" in str(damage[0])
 
 
 # -- TensorFlow cross-check: fixtures written by tests/fixtures/make_tf_fixtures.py -----------------

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from mesh_transformer.inference.engine import Generator
-from mesh_transformer.inference.text import SamplingParams
+from mesh_transformer.inference.text import SamplingParams, SequenceState
 from tests.inference.tiny_model import CFG, TOKENIZER, full_logits, init_params
 
 
@@ -74,3 +74,29 @@ def test_after_warmup_of_every_shape_no_request_waits_for_a_compilation():
             shapes.add((batch.rows, batch.length))
     assert compilations == []
     assert {(1, 64), (4, 64), (4, 128), (1, 128)} <= shapes
+
+
+def fail_appends(monkeypatch, prompt: list[int], after_tokens: int) -> None:
+    """An error injected into the host-side work of the sequences continuing ``prompt``."""
+    original_append = SequenceState.append
+
+    def append_failing_for_that_prompt(self, token, logprob):
+        if self.prompt == prompt and len(self.tokens) == after_tokens:
+            raise RuntimeError("injected failure")
+        return original_append(self, token, logprob)
+
+    monkeypatch.setattr(SequenceState, "append", append_failing_for_that_prompt)
+
+
+def test_an_error_in_one_sequence_ends_that_sequence_only(monkeypatch):
+    gen = Generator(CFG, init_params(CFG, seed=2), TOKENIZER)
+    settings = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    prompts = [[1, 2], [3], [4, 5, 6], [7]]
+    expected = [c.tokens for c in gen.generate(prompts, settings)]
+    doomed = [9, 9, 9]
+    fail_appends(monkeypatch, doomed, after_tokens=2)
+    sequences = [gen.sequence(p, settings) for p in prompts[:2] + [doomed] + prompts[2:]]
+    gen.run(sequences)
+    failed = sequences.pop(2)
+    assert failed.finish_reason == "error" and failed.error and len(failed.tokens) == 2
+    assert [s.completion().tokens for s in sequences] == expected

@@ -3,7 +3,7 @@ text offsets, and the validation of sampling settings."""
 
 import pytest
 
-from mesh_transformer.inference.text import SamplingParams, SequenceState, TokenLogprob, text_offsets
+from mesh_transformer.inference.text import SamplingParams, SequenceFailed, SequenceState, TokenLogprob, text_offsets
 from mesh_transformer.tokenizer import ByteTokenizer
 from tests.inference.tiny_model import TOKENIZER
 
@@ -50,3 +50,27 @@ def test_invalid_sampling_settings_name_the_setting():
                       (dict(stop=("",)), "stop")]:
         with pytest.raises(ValueError, match=name):
             SamplingParams(**bad)
+
+
+def test_top_k_beyond_int32_is_refused_by_name():
+    with pytest.raises(ValueError, match="top_k must be between 0 and 2147483647"):
+        SamplingParams(top_k=2**31)
+
+
+def test_new_tokens_finish_the_unfinished_last_character_of_the_prompt():
+    tokenizer = ByteTokenizer()
+    prompt = list("hé".encode())[:-1]  # "h" and the first byte of "é"
+    sequence = SequenceState(prompt, SamplingParams(max_new_tokens=4), tokenizer, context=32)
+    assert sequence.complete_prompt_tokens == 1
+    assert "".join(feed(sequence, list("\xa9llo".encode("latin-1")))) == "éllo"
+    assert tokenizer.decode(prompt[:sequence.complete_prompt_tokens]) + sequence.text == "héllo"
+    scoring_only = SequenceState(prompt, SamplingParams(max_new_tokens=0), tokenizer, context=32)
+    assert scoring_only.complete_prompt_tokens == 2  # nothing will finish the character: echo shows all of it
+
+
+def test_a_failed_sequence_reports_its_error_instead_of_a_completion():
+    sequence = SequenceState([0], SamplingParams(max_new_tokens=4), TOKENIZER, context=32)
+    sequence.fail("boom")
+    assert sequence.finished and sequence.finish_reason == "error"
+    with pytest.raises(SequenceFailed, match="boom"):
+        sequence.completion()

@@ -197,6 +197,28 @@ def test_32_concurrent_clients_all_get_their_own_completion(server, reference):
     assert answers == expected
 
 
+def test_a_top_k_overflow_alongside_16_requests_fails_alone_with_400(server, reference):
+    prompts = [f"innocent {i}: " for i in range(16)]
+    expected = [c.text for c in reference(prompts, 8)]
+
+    def ask(i: int) -> httpx.Response:
+        if i == 16:
+            return httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "top_k": 2**31, "stream": True},
+                              timeout=120)
+        if i == 17:
+            return httpx.post(f"{server.url}/complete", json={"context": "x", "top_k": 2**31}, timeout=120)
+        return httpx.post(f"{server.url}/v1/completions", json={"prompt": prompts[i], "max_tokens": 8,
+                                                                 "temperature": 0}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(18) as pool:
+        answers = list(pool.map(ask, [16, 17, *range(16)]))
+    for bad in answers[:2]:
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
+        assert "2147483647" in bad.json()["error"]["message"]
+    assert [a.status_code for a in answers[2:]] == [200] * 16
+    assert [a.json()["choices"][0]["text"] for a in answers[2:]] == expected
+
+
 MALFORMED = [
     ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
     ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
@@ -207,6 +229,7 @@ MALFORMED = [
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "top_p": 1.5}, "top_p"),
     ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "top_k": 2**31}, "top_k"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 100}, "n"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from tests.helpers import strict_json
 
 
 def read_records(text):
@@ -51,6 +52,14 @@ def test_local_log_appends_one_flushed_json_line_per_call(tmp_path):
     ]
     assert list(records[1]) == ["step", "loss", "lr", "grad_norm", "time"]
     assert all(before <= r["time"] <= after for r in records)
+
+
+def test_non_finite_values_are_written_as_null_so_strict_parsers_read_every_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(str(path)) as logger:
+        logger.log(1, {"loss": float("nan"), "grad_norm": np.float32(np.inf), "lr": jnp.array(-np.inf), "ok": 1.5})
+    (record,) = [strict_json(line) for line in path.read_text().splitlines()]
+    assert without_time([record]) == [{"step": 1, "loss": None, "grad_norm": None, "lr": None, "ok": 1.5}]
 
 
 def test_reserved_keys_and_non_scalars_are_rejected(tmp_path):

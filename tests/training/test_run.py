@@ -18,7 +18,7 @@ from mesh_transformer.data.tfrecord import open_writer
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.steps import Trainer
 
-from tests.helpers import REPO
+from tests.helpers import REPO, strict_json
 
 SEQ = 32
 VOCAB = 257  # the byte tokenizer
@@ -78,10 +78,15 @@ def train_losses(model_dir: Path) -> dict[int, float]:
 
 
 def final_params(config_path: Path) -> dict:
+    return final_params_at(config_path, None)
+
+
+def final_params_at(config_path: Path, step: int | None) -> dict:
+    """The parameters of checkpoint ``step`` (default: the newest) of the config's run."""
     config = load_config(str(config_path))
     trainer = Trainer(config, make_mesh(config, jax.devices()[:4]))
     with Checkpointer(config.run.checkpoint_dir) as checkpoints:
-        state, _ = checkpoints.restore(trainer.abstract_state(), restore_keys=("params",))
+        state, _ = checkpoints.restore(trainer.abstract_state(), step, restore_keys=("params",))
     return jax.device_get(state["params"])
 
 
@@ -212,3 +217,34 @@ def test_a_converted_checkpoint_without_data_position_trains_from_the_start(tmp_
     result = train(config, TrainOptions(show_progress=False))
     assert result.step == 2 and not result.interrupted
     assert sorted(train_losses(tmp_path / "run")) == [1, 2]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("step_*"))
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_good_checkpoints(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    run_train(write_config(tmp_path / "good.json", run_dir, data_dir, total_steps=6))
+    good = final_params(tmp_path / "good.json")
+    assert checkpoint_steps(run_dir) == [3, 6]
+
+    # Resumed at step 6 with lr 1e6: steps 7 and 8 still have finite losses, steps 9 on are NaN, and the
+    # step-9 checkpoint falls in that run of bad steps.
+    config = write_config(tmp_path / "diverging.json", run_dir, data_dir, lr=1e6, total_steps=40,
+                          max_consecutive_bad_steps=3)
+    result = subprocess.run(train_command(config), env=env_with_devices(4), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: stopped at step ") and "3 steps in a row were bad" in last_line
+    assert "Traceback" not in result.stderr
+    assert "skipped as bad" in result.stderr  # each skip is logged
+
+    # The good checkpoints survive; nothing non-finite was saved after them.
+    assert checkpoint_steps(run_dir) == [3, 6]
+    assert_trees_equal(final_params_at(config, 6), good)
+    records = [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in records if r.get("train/loss", 0.0) is None]
+    assert skipped and all(r["train/skipped"] >= 1 for r in skipped)

@@ -5,7 +5,7 @@ import pytest
 
 from mesh_transformer.config import OptimizerConfig
 from mesh_transformer.sharding import make_mesh
-from mesh_transformer.training.steps import Trainer, cross_entropy, decay_mask, gpt3_schedule
+from mesh_transformer.training.steps import StepGuard, Trainer, cross_entropy, decay_mask, gpt3_schedule, judged
 from tests.helpers import counting_batch, random_batch, tiny_config
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 1, 4), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -191,3 +191,57 @@ def test_bfloat16_gradient_accumulation_stays_close_to_float32():
         norms.append(float(metrics["grad_norm"]))
     # Rounded to bfloat16 after each micro-batch: different, but within bfloat16's precision.
     assert norms[0] != norms[1] and norms[1] == pytest.approx(norms[0], rel=1e-2)
+
+
+def test_a_non_finite_step_changes_nothing_but_the_step_and_the_counts():
+    config = tiny_config()
+    trainer = Trainer(config, make_mesh(config, jax.devices()[:1]))
+    step = trainer.jit_train_step()
+    tokens, mask = random_batch(0, 1, 4, config.model.seq, config.model.n_vocab)
+    state, _ = step(trainer.init_state(seed=0), tokens, mask)  # one good step: Adam's moments are non-zero
+    before = jax.device_get(state)
+    poisoned = mask.astype(np.float32).copy()
+    poisoned[0, 0, 3] = np.nan  # as a NaN loss from an overflow would
+    state, metrics = step(state, tokens, poisoned)
+    after = jax.device_get(state)
+    assert not np.isfinite(float(metrics["loss"]))
+    for x, y in zip(jax.tree.leaves((before.params, before.opt_state)), jax.tree.leaves((after.params, after.opt_state)),
+                    strict=True):
+        assert x.tobytes() == y.tobytes()  # bit for bit
+    assert int(after.step) == 2
+    assert (int(metrics["skipped"]), int(metrics["bad_streak"])) == (1, 1)
+    state, metrics = step(state, tokens, mask)
+    assert (int(metrics["skipped"]), int(metrics["bad_streak"])) == (1, 0)
+    moved = jax.tree.leaves(jax.tree.map(lambda x, y: not np.array_equal(x, y), jax.device_get(state.params),
+                                         after.params))
+    assert any(moved)  # a good step after a bad one trains again
+
+
+def judge_losses(losses, **train_overrides):
+    """Run ``judged`` over a sequence of losses; returns which were accepted and the final guard."""
+    cfg = tiny_config(**train_overrides).train
+    guard, accepted = StepGuard.fresh(), []
+    for loss in losses:
+        accept, guard = judged(guard, jnp.float32(loss), jnp.float32(1.0), cfg)
+        accepted.append(bool(accept))
+    return accepted, guard
+
+
+def test_spike_detection_skips_a_loss_far_above_the_running_average_and_is_off_by_default():
+    normal = [3.0, 3.1, 2.9, 3.05, 2.95, 3.0]
+    accepted, guard = judge_losses([*normal, 40.0, 3.0], skip_step_on_spikes=True, spike_window=5)
+    assert accepted == [True] * 6 + [False, True]
+    assert int(guard.skipped) == 1 and int(guard.bad_streak) == 0 and int(guard.accepted) == 7
+    assert float(guard.loss_mean) == pytest.approx(3.0, abs=0.1)  # the spike did not enter the average
+    # Not before spike_window accepted steps, and not at all unless asked.
+    assert judge_losses([3.0, 40.0], skip_step_on_spikes=True, spike_window=5)[0] == [True, True]
+    assert judge_losses([*normal, 40.0])[0] == [True] * 7
+
+
+def test_non_finite_losses_and_gradients_are_bad_and_counted_in_a_row():
+    cfg = tiny_config().train
+    guard = StepGuard.fresh()
+    for loss, norm, streak in ((np.nan, 1.0, 1), (2.0, np.inf, 2), (np.inf, 1.0, 3), (2.0, 1.0, 0)):
+        accept, guard = judged(guard, jnp.float32(loss), jnp.float32(norm), cfg)
+        assert bool(accept) == (streak == 0) and int(guard.bad_streak) == streak
+    assert int(guard.skipped) == 3
