@@ -12,20 +12,28 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 REPO = RESULTS.parents[1]
 
 
+def drop_fake_cpu_devices() -> None:
+    """Remove a fake-device flag inherited from a test environment from ``XLA_FLAGS`` (before jax is imported)."""
+    os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                     os.environ.get("XLA_FLAGS", "")).strip()
+
+
 def use_one_cpu_device() -> None:
     """One real CPU device using every core: drop a fake-device flag inherited from a test environment.
 
     Call it before jax is imported."""
-    os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                     os.environ.get("XLA_FLAGS", "")).strip()
+    drop_fake_cpu_devices()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -79,6 +87,47 @@ def machine_summary(*, cores_note: str = "", **extra_versions: str) -> str:
     software = ", ".join(f"{'Python' if name == 'python' else name.replace('_', '-')} {version}"
                          for name, version in versions.items())
     return f"{cpu_description()}, {os.cpu_count()} cores{cores_note}; {software}"
+
+
+def jax_device_summary() -> str:
+    """The JAX devices, e.g. ``1 x NVIDIA H200 (gpu)`` or ``8 x TPU v4 (tpu)``; call after importing jax."""
+    import jax
+
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    return f"{len(devices)} x {' + '.join(kinds)} ({devices[0].platform})"
+
+
+# ----- timing and inputs -----
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` (which must wait for its own work) after one untimed call (warmup, compile)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class IdTokenizer:
+    """Every id is a real token and decodes to one printable character: decoding costs little, as a
+    real tokenizer's does, but is done."""
+
+    vocab_size: int
+    name: str = "ids"
+    eos_token_id: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % self.vocab_size for c in text]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(32 + int(i) % 90) for i in ids)
 
 
 # ----- reporting -----

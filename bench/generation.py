@@ -12,9 +12,15 @@ server's throughput with concurrent clients vs one client at a time. Not a test.
 3. Starts ``device_serve.py`` on 127.0.0.1 with the same checkpoint (byte tokenizer, so the padded
    vocabulary is masked) and measures completion tokens/s of ``--clients`` concurrent clients, each
    sending ``--requests-per-client`` greedy requests, against the same requests sent one at a time.
+4. The ``echo`` path's host work: the text offset of every token of a ``--echo-tokens``-token prompt
+   (``text_offsets``, which the server runs in its worker thread), with a byte-level BPE tokenizer
+   trained on this machine's Python standard library source, for a prompt of source text, of random
+   ids and of one lone UTF-8 continuation byte repeated. Median time of ``--repeats`` runs, and the
+   ids decoded against a prompt a quarter as long (linear work: 4x; quadratic: 16x).
 
     python bench/generation.py                  # full run (about 5 min on 2 cores); appends to RESULTS.md
     python bench/generation.py --quick --no-write
+    python bench/generation.py --echo           # only step 4 (under a minute)
 """
 
 from __future__ import annotations
@@ -49,8 +55,9 @@ from mesh_transformer.convert import hf  # noqa: E402
 from mesh_transformer.training.checkpoint import Checkpointer  # noqa: E402
 from mesh_transformer.config import Config, load_config  # noqa: E402
 from mesh_transformer.inference.engine import Generator  # noqa: E402
-from mesh_transformer.inference.text import SamplingParams  # noqa: E402
+from mesh_transformer.inference.text import SamplingParams, text_offsets  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
+from mesh_transformer.tokenizer import TokenizersTokenizer  # noqa: E402
 from mesh_transformer.training.steps import Trainer  # noqa: E402
 
 
@@ -207,6 +214,87 @@ def serve_benchmark(args, config_path: Path, log: Path) -> dict[str, float]:
     return {"sequential": one, "concurrent": many, "tokens": float(one_tokens), "concurrent_tokens": many_tokens}
 
 
+# ----- echo: the text offsets of a long prompt -----
+
+ECHO_PROMPTS = ("source text", "random ids", "lone continuation bytes")
+
+
+def stdlib_source(limit: int) -> list[str]:
+    """About ``limit`` characters of this Python's standard library source, file by file."""
+    texts, total = [], 0
+    for path in sorted(Path(os.__file__).parent.glob("*.py")):
+        texts.append(path.read_text(errors="replace"))
+        total += len(texts[-1])
+        if total >= limit:
+            break
+    return texts
+
+
+def byte_level_bpe(texts: list[str], vocab: int) -> TokenizersTokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    return TokenizersTokenizer("bpe", backend.token_to_id("<|endoftext|>"), backend.get_vocab_size(), backend)
+
+
+@dataclass
+class CountingDecodes:
+    """Counts the ids decoded: the work, independent of the machine's speed and load."""
+
+    tokenizer: TokenizersTokenizer
+    decoded_ids: int = 0
+
+    def decode(self, ids) -> str:
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+def echo_prompt(tokenizer: TokenizersTokenizer, texts: list[str], kind: str, length: int) -> list[int]:
+    if kind == "source text":
+        return tokenizer.encode("".join(texts[-3:]))[:length]  # files the tokenizer was trained on
+    if kind == "random ids":
+        return [int(i) for i in np.random.RandomState(length).randint(0, tokenizer.vocab_size, length)]
+    lone = next(i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd")  # e.g. byte 0x80
+    return [lone] * length
+
+
+def echo_benchmark(args) -> list[list[str]]:
+    texts = stdlib_source(args.echo_train_chars)
+    tokenizer = byte_level_bpe(texts, args.echo_vocab)
+    rows = []
+    for kind in ECHO_PROMPTS:
+        work, seconds = {}, []
+        for length in (args.echo_tokens // 4, args.echo_tokens):
+            ids = echo_prompt(tokenizer, texts, kind, length)
+            counting = CountingDecodes(tokenizer)
+            text_offsets(counting, ids)
+            work[length] = counting.decoded_ids
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            text_offsets(tokenizer, ids)
+            seconds.append(time.perf_counter() - started)
+        ratio = work[args.echo_tokens] / work[args.echo_tokens // 4]
+        rows.append([kind, str(len(ids)), f"{statistics.median(seconds) * 1000:.1f}", f"{work[args.echo_tokens]:,}",
+                     f"{ratio:.2f}x"])
+        print(f"echo offsets, {kind}: {rows[-1]}", flush=True)
+    return rows
+
+
+def echo_report(args, rows: list[list[str]]) -> str:
+    return "\n".join([
+        f"\nEcho offsets (`text_offsets`, the server's worker thread): byte-level BPE of vocabulary "
+        f"{args.echo_vocab} trained on {args.echo_train_chars:,} characters of the Python standard library "
+        f"source; median of {args.repeats} runs. Work = ids decoded; the ratio is against a prompt of "
+        f"{args.echo_tokens // 4} tokens (linear: 4x, quadratic: 16x).\n",
+        markdown_table(["prompt", "tokens", "ms", "ids decoded", f"work vs {args.echo_tokens // 4} tokens"], rows),
+    ]) + "\n"
+
+
 # ----- reporting -----
 
 def report(args, command: str, loads: tuple[float, float], runners: list[Runner], agree: dict[int, float],
@@ -255,11 +343,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--no-server", action="store_true", help="skip the server measurement")
+    p.add_argument("--echo", action="store_true", help="only measure the echo offsets of a long prompt")
+    p.add_argument("--echo-tokens", type=int, default=2048, help="tokens of the echoed prompt")
+    p.add_argument("--echo-vocab", type=int, default=8192, help="vocabulary of the BPE tokenizer trained for it")
+    p.add_argument("--echo-train-chars", type=int, default=2_000_000, help="standard library source to train on")
     add_run_arguments(p)
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.d_model, args.heads, args.rotary, args.vocab, args.seq = 2, 64, 4, 8, 512, 128
         args.new_tokens, args.repeats, args.clients, args.requests_per_client = 16, 1, 4, 1
+        args.echo_vocab, args.echo_train_chars = 1024, 200_000
     return args
 
 
@@ -267,6 +360,20 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     command = command_line(__file__, argv)
     load_before = os.getloadavg()[0]
+    echo = echo_benchmark(args)
+    if args.echo:
+        section = (f"\n## Echo offsets of a {args.echo_tokens}-token prompt ({datetime.date.today().isoformat()})\n\n"
+                   f"Command: `{command}`  \nMachine: {machine_summary()}  \nLoad average before/after: "
+                   f"{load_before:.2f} / {os.getloadavg()[0]:.2f}\n" + echo_report(args, echo))
+    else:
+        section = generation_section(args, command, load_before) + echo_report(args, echo)
+    print(section)
+    if not args.no_write:
+        append_results(section)
+
+
+def generation_section(args, command: str, load_before: float) -> str:
+    """Steps 1-3: decoding against HF generate, and the server."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         config, params = write_model(args, root)
@@ -291,10 +398,7 @@ def main(argv=None) -> None:
         if not args.no_server:
             served = serve_benchmark(args, root / "config.json", root / "server.log")
             print(f"server: {served}", flush=True)
-    section = report(args, command, (load_before, os.getloadavg()[0]), runners, agree, served)
-    print(section)
-    if not args.no_write:
-        append_results(section)
+    return report(args, command, (load_before, os.getloadavg()[0]), runners, agree, served)
 
 
 if __name__ == "__main__":

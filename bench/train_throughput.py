@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import (RESULTS, add_repo_to_path, add_run_arguments, add_shape_arguments, append_results, command_line,
-                    cpu_description, cpu_flags, markdown_table, software_versions, use_one_cpu_device)
+                    cpu_description, cpu_flags, markdown_table, median_seconds, software_versions,
+                    use_one_cpu_device)
 
 use_one_cpu_device()
 
@@ -49,16 +50,6 @@ LR, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.1, 1.0
 
 # ----- peak -----
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warmup (and compile)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def matmul_peaks(n: int, repeats: int) -> dict[str, float]:
     """Median FLOP/s of an (n, n) @ (n, n) fp32 matmul in JAX and in PyTorch."""
     flops = 2.0 * n**3
@@ -66,9 +57,9 @@ def matmul_peaks(n: int, repeats: int) -> dict[str, float]:
     a_np, b_np = rng.standard_normal((2, n, n), dtype=np.float32)
     dot = jax.jit(jnp.dot)
     a, b = jnp.asarray(a_np), jnp.asarray(b_np)
-    jax_t = _median_time(lambda: dot(a, b).block_until_ready(), repeats)
+    jax_t = median_seconds(lambda: dot(a, b).block_until_ready(), repeats)
     ta, tb = torch.from_numpy(a_np), torch.from_numpy(b_np)
-    torch_t = _median_time(lambda: torch.matmul(ta, tb), repeats)
+    torch_t = median_seconds(lambda: torch.matmul(ta, tb), repeats)
     return {"jax": flops / jax_t, "torch": flops / torch_t}
 
 

@@ -44,6 +44,11 @@ MLPS = ("dense", "gated")
 RESIDUALS = ("parallel", "sequential")
 ATTENTION_KINDS = ("global", "local")
 SUPPORTED_NORMS = ("layernorm", "rmsnorm")
+# "flash": the platform's fused kernel (a Pallas splash kernel on TPU, cuDNN on GPU, the TPU kernel
+# interpreted on CPU, for tests); "auto": flash where it is the faster choice, else "xla".
+ATTENTION = ("auto", "xla", "flash")
+# TPU generations whose Pallas (Mosaic) compiler has no bfloat16 matmul: the kernel runs in float32.
+FLOAT32_KERNEL_TPUS = ("TPU v2", "TPU v3")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class ModelConfig:
     compute_dtype: str = "auto"
     remat: str = "full"
     scan_unroll: int = 1
+    attention: str = "auto"  # ATTENTION, resolved to a kernel by ``for_platform`` (``resolve_attention``)
+    sequence_parallel: bool = False  # split the residual stream's length over mp between layers
     # Architecture variants (GPT-J defaults; a named architecture sets its own, see models/<architecture>.py).
     d_ff: int | None = None
     activation: str = "gelu_new"
@@ -105,9 +112,12 @@ class ModelConfig:
     def has_local_attention(self) -> bool:
         return "local" in self.attention_layers
 
-    def for_platform(self, platform: str) -> "ModelConfig":
-        """This config with ``compute_dtype: auto`` resolved for a JAX platform (``tpu``, ``gpu``, ``cpu``)."""
-        return dataclasses.replace(self, compute_dtype=resolve_compute_dtype(self.compute_dtype, platform))
+    def for_platform(self, platform: str, device_kind: str = "") -> "ModelConfig":
+        """This config with ``compute_dtype`` and ``attention`` resolved for a JAX platform (``tpu``,
+        ``gpu``, ``cpu``) and device kind (``jax.Device.device_kind``, e.g. ``"TPU v3"``)."""
+        dtype = resolve_compute_dtype(self.compute_dtype, platform)
+        return dataclasses.replace(self, compute_dtype=dtype,
+                                   attention=resolve_attention(self.attention, platform, device_kind, dtype))
 
 
 def resolve_compute_dtype(requested: str, platform: str) -> str:
@@ -115,6 +125,30 @@ def resolve_compute_dtype(requested: str, platform: str) -> str:
     if requested != "auto":
         return requested
     return "bfloat16" if platform in BF16_PLATFORMS else "float32"
+
+
+def resolve_attention(requested: str, platform: str, device_kind: str, compute_dtype: str) -> str:
+    """The attention kernel a model runs (``models.attention.KERNELS``) for a config's ``attention``.
+
+    ``auto`` is the fused kernel on GPUs (cuDNN, which takes bfloat16 only) and on TPUs from v4 on;
+    on v2/v3 the Pallas kernel would run its matmuls in float32, several times slower than XLA's
+    bfloat16 ones, so ``auto`` keeps XLA there and ``flash`` is for contexts XLA cannot fit.
+    Resolving twice changes nothing.
+    """
+    if requested not in ("auto", "flash"):
+        return requested
+    old_tpu = platform == "tpu" and device_kind.startswith(FLOAT32_KERNEL_TPUS)
+    gpu_float32 = platform not in ("tpu", "cpu") and compute_dtype != "bfloat16"
+    if requested == "auto" and (platform == "cpu" or old_tpu or gpu_float32):
+        return "xla"
+    if platform == "tpu":
+        return "splash_float32" if old_tpu else "splash"
+    if platform == "cpu":
+        return "splash_interpret"
+    if compute_dtype != "bfloat16":
+        raise ConfigError(f'config key "attention": "flash" on {platform} runs cuDNN\'s fused kernel, which needs '
+                          f'"compute_dtype": "bfloat16" (got {compute_dtype!r}); use "attention": "xla" for float32.')
+    return "cudnn"
 
 
 @dataclass(frozen=True)
@@ -448,6 +482,7 @@ def validate(config: Config) -> None:
     _choice(src, "compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
     _choice(src, "remat", m.remat, REMAT_POLICIES)
     _positive(src, "scan_unroll", m.scan_unroll)
+    _choice(src, "attention", m.attention, ATTENTION)
     if m.d_head is None and m.d_model % m.n_heads:
         raise ConfigError(
             f"{src}: d_model ({m.d_model}) must be divisible by n_heads ({m.n_heads}), or set d_head explicitly."
@@ -503,6 +538,9 @@ def check_mesh_fits(config: Config, dp: int, fsdp: int, mp: int) -> None:
             raise ConfigError(f"{src}: {key} ({size}) must be divisible by the mp (tensor-parallel) size {mp}; {fix}.")
     if m.d_model % fsdp:
         raise ConfigError(f"{src}: d_model ({m.d_model}) must be divisible by the fsdp size {fsdp}; {fix}.")
+    if m.sequence_parallel and m.seq % mp:
+        raise ConfigError(f"{src}: sequence_parallel splits seq ({m.seq}) over the mp size {mp}, which must "
+                          f"divide it; {fix}.")
 
 
 def to_json_dict(config: Config) -> dict[str, Any]:

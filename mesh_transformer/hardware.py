@@ -54,6 +54,9 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     _gpu("h100-pcie", ("H100 PCIe",), 756e12, 80, 2000, 128),
     _gpu("h100-nvl", ("H100 NVL",), 835e12, 94, 3900, 600),
     _gpu("h100-80gb", ("H100",), 989e12, 80, 3350, 900),
+    # GH200's GPU is a Hopper H100 with 96 GB HBM3 ("GH200" must come before "H200", which it contains).
+    _gpu("gh200", ("GH200",), 989e12, 96, 4000, 900),
+    _gpu("h200-nvl", ("H200 NVL",), 835e12, 141, 4800, 900),
     _gpu("h200", ("H200",), 989e12, 141, 4800, 900),
 )
 

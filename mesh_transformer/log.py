@@ -9,3 +9,15 @@ def setup_logging(level: str | int = logging.INFO) -> None:
     # Orbax (through absl) and JAX backend discovery are chatty at INFO; keep their warnings only.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    # Orbax logs a failed save with a traceback from each of its threads, and the error that stops the run
+    # says it in one line: keep Orbax's messages, drop their tracebacks (kept at --log-level DEBUG).
+    absl = logging.getLogger("absl")
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        absl.removeFilter(_without_traceback)
+    else:
+        absl.addFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True

@@ -35,6 +35,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "batch": ("dp", "fsdp"),
     "length": None,
+    "residual_length": "mp",  # the residual stream's length under sequence_parallel
     "act_embed": None,
     "act_heads": "mp",
     "act_mlp": "mp",
@@ -50,6 +51,16 @@ def logical_to_spec(names: Sequence[str | None]) -> PartitionSpec:
         return PartitionSpec(*(None if n is None else LOGICAL_AXIS_RULES[n] for n in names))
     except KeyError as e:
         raise KeyError(f"logical axis {e.args[0]!r} has no entry in LOGICAL_AXIS_RULES") from None
+
+
+def divisible_spec(shape: Sequence[int], names: Sequence[str | None], mesh) -> PartitionSpec:
+    """``logical_to_spec(names)`` without the mesh axes a dimension's size does not divide (that
+    dimension is then whole on every device): e.g. a batch of 1 on a dp=8 mesh."""
+    spec = []
+    for size, axes in zip(shape, logical_to_spec(names)):
+        split = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        spec.append(axes if size % split == 0 else None)
+    return PartitionSpec(*spec)
 
 
 def resolve_mesh_shape(request: MeshConfig, n_devices: int, source: str = "config") -> tuple[int, int, int]:
@@ -99,10 +110,12 @@ def tree_shardings(mesh: Mesh, logical_tree) -> object:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's layout by logical names; a no-op outside a mesh context (see ``traced_on``)."""
-    if jax.sharding.get_abstract_mesh().empty:
+    """Pin an activation's layout by logical names; a no-op outside a mesh context (see ``traced_on``).
+    A dimension its mesh axes do not divide (a prefill of one prompt on dp 8) stays whole."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+    return jax.lax.with_sharding_constraint(x, divisible_spec(x.shape, names, mesh))
 
 
 def traced_on(mesh: Mesh, fn: Callable) -> Callable:
@@ -121,6 +134,11 @@ def traced_on(mesh: Mesh, fn: Callable) -> Callable:
 def mesh_platform(mesh: Mesh) -> str:
     """``tpu``, ``gpu`` or ``cpu``: what the mesh's devices are (abstract TPU devices included)."""
     return mesh.devices.flat[0].platform
+
+
+def mesh_device_kind(mesh: Mesh) -> str:
+    """The devices' kind, e.g. ``"TPU v3"`` or ``"NVIDIA H100 80GB HBM3"`` (``cpu`` on CPU)."""
+    return mesh.devices.flat[0].device_kind
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import resource
 import sys
 
 from mesh_transformer.cli import to_hf
 from mesh_transformer.config import ConfigError
 from mesh_transformer.convert.hf import ConversionError, import_hf
 from mesh_transformer.log import setup_logging
-
 
 
 def parse_import_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,22 +28,53 @@ def parse_import_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pad-vocab-multiple", type=int, default=1,
                         help="pad n_vocab up to a multiple of this (e.g. to divide the mp axis)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with-optimizer-state", action="store_true",
+                        help="also write a fresh optimizer state (training makes one itself when there is none)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def release_freed_buffers_at_once() -> None:
+    """Give every allocation of 1 MiB or more its own mapping (glibc), returned to the system when freed.
+
+    The import frees one tensor-sized buffer after another; by default glibc raises this threshold (up
+    to 32 MiB) as such buffers are freed, and keeps freed heap memory in the process: on a CPU, a 214 MB
+    model's import then peaked 140 MB higher (about three times its largest tensor more).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its allocator keeps its own policy
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, which starts afresh at exec (``getrusage``
+    would report a larger parent's peak, inherited through fork), else ``getrusage`` (macOS: bytes)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def import_main(argv: list[str] | None = None) -> int:
     args = parse_import_args(argv)
     setup_logging(args.log_level.upper())
+    release_freed_buffers_at_once()
     try:
         summary = import_hf(args.hf_path, args.output, revision=args.revision, param_dtype=args.param_dtype,
                             pad_vocab_multiple=args.pad_vocab_multiple, seed=args.seed,
-                            show_progress=not args.no_progress)
+                            with_optimizer_state=args.with_optimizer_state, show_progress=not args.no_progress)
     except (ConfigError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"imported {args.hf_path} ({summary.architecture}) -> {summary.checkpoint_dir}; config {summary.config_path}")
+    print(f"imported {args.hf_path} ({summary.architecture}) -> {summary.checkpoint_dir}; "
+          f"config {summary.config_path}; peak memory {peak_memory_bytes() / 2**20:.0f} MiB")
     return 0
 
 

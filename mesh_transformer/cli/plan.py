@@ -93,7 +93,8 @@ def report(plan, title: str) -> str:
 
 FIX_HINT = ("  to fix: run again with --suggest (searches mesh, remat and micro-batches at the same global batch); "
             "or shard the optimizer state with \"mesh\": {\"fsdp\": N}, use remat \"full\", more micro-batches "
-            "(smaller per_replica_batch), grad_accum_dtype \"bfloat16\", or a larger slice")
+            "(smaller per_replica_batch), grad_accum_dtype \"bfloat16\", \"sequence_parallel\": true with mp > 1, "
+            "\"attention\": \"flash\" for long sequences, or a larger slice")
 
 
 def _plan_as_given(config, target, searching: bool):

@@ -12,6 +12,7 @@ from mesh_transformer.cli import add_distributed_arguments, join_distributed
 from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
 from mesh_transformer.errors import DataError
+from mesh_transformer.training.checkpoint import BadCheckpoint, CheckpointSaveFailed
 from mesh_transformer.training.run import TrainingDiverged, TrainOptions, train
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointSaveFailed, BadCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     status = f"stopped at step {result.step}" if result.interrupted else f"finished at step {result.step}"

@@ -11,9 +11,11 @@ written by ``convert/safetensors.py``.
 Export streams: one parameter is restored from the checkpoint at a time, converted layer by layer,
 and written straight into safetensors shards whose headers are planned up front. Host memory beyond
 the libraries stays near twice the largest layer-stacked parameter (Orbax's read buffer plus the
-array; e.g. ~15 GB for GPT-J-6B's fp32 fc_in), never the whole model. Import reads the safetensors
-files one tensor at a time (never pickles) and writes a native step-0 checkpoint plus a config
-usable by ``device_train.py``; it holds the model (and its fresh optimizer state) in memory.
+array; e.g. ~15 GB for GPT-J-6B's fp32 fc_in), never the whole model. Import streams too: it reads
+the safetensors files one tensor at a time (never pickles), writes each into the parameters in
+place on the devices, and saves a native step-0 checkpoint (no optimizer state unless asked) plus a
+config usable by ``device_train.py``. While reading, host memory beyond the libraries stays near the
+model once (on a CPU the devices are host memory) plus twice the largest tensor.
 
     mtj-hf import --hf-path DIR_OR_HUB_NAME --output OUT_DIR   (or python -m mesh_transformer.hf import ...)
     mtj-hf export ...   (same as to_hf_weights.py)
@@ -22,6 +24,7 @@ usable by ``device_train.py``; it holds the model (and its fresh optimizer state
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -32,7 +35,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mesh_transformer import storage
 from mesh_transformer.config import Config, ConfigError, ModelConfig, parse_config
@@ -196,21 +202,6 @@ def hf_tensors(arch: Architecture, m: ModelConfig, read_param: Callable[[str], n
         else:
             yield names[0], rule.transform.to_hf(arrays, m)
         del arrays  # release the stacked parameter before the next one is restored
-
-
-# Where the vocabulary axis is, for padding n_vocab up on import.
-VOCAB_AXES = {"wte/embedding": 0, "lm_head/kernel": 1, "lm_head/bias": 0}
-
-
-def pad_vocab(flat: dict[str, np.ndarray], n_vocab: int) -> dict[str, np.ndarray]:
-    """Zero rows/columns up to ``n_vocab``; padded ids are never produced by the tokenizer nor sampled."""
-    padded = dict(flat)
-    for path, axis in VOCAB_AXES.items():
-        if path in flat and flat[path].shape[axis] < n_vocab:
-            widths = [(0, 0)] * flat[path].ndim
-            widths[axis] = (0, n_vocab - flat[path].shape[axis])
-            padded[path] = np.pad(flat[path], widths)
-    return padded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,42 +462,32 @@ def _find_tensor(weights: SafetensorsWeights, rule: Rule, name: str, arch: Archi
                           f"{_shape_summary(m)} needs it")
 
 
-def read_hf_params(arch: Architecture, m: ModelConfig, weights: SafetensorsWeights, dtype: str = "float32",
-                   show_progress: bool = True) -> dict[str, np.ndarray]:
-    """Our flat parameters from HF tensors, checking every name and shape against the config."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class TensorSource:
+    """One Hugging Face tensor (its name in the files) and where it goes: ``rule``'s parameters, at ``layer``."""
 
+    name: str
+    rule: Rule
+    layer: int | None
+
+
+def plan_import(arch: Architecture, m: ModelConfig, weights: SafetensorsWeights) -> list[TensorSource]:
+    """Every tensor to read, in order; names, shapes and dtypes are checked against the config from the
+    file headers alone, so a mismatch stops the import before any tensor is read."""
     shapes = expected_param_shapes(m)
     check_table_covers(arch, m, shapes)
-    target = numpy_dtype(dtype)
-    flat = {path: np.empty(shape, target) for path, shape in shapes.items()}
-    used: set[str] = set()
-    rules = arch.rules(m)
-    with tqdm(total=sum(len(r.hf_names(m)) for r in rules), unit="tensor", desc=f"import {arch.title}",
-              disable=not show_progress) as bar:
-        for rule in rules:
-            expected = _expected_hf_shape(rule, m, shapes)
-            for i, name in enumerate(rule.hf_names(m)):
-                found = _find_tensor(weights, rule, name, arch, m)
-                array = weights.get(found)
-                if tuple(array.shape) != expected:
-                    raise ConversionError(f"{weights.files[found]}: tensor {found!r} has shape {tuple(array.shape)}, "
-                                          f"but config.json ({_shape_summary(m)}) implies {expected}")
-                for path, part in zip(rule.ours, rule.transform.from_hf(array, m)):
-                    _assign(flat[path], part, i if rule.per_layer else None)
-                used.add(found)
-                bar.update()
-    _check_no_leftovers(weights, used, arch, m)
-    return flat
-
-
-def _assign(destination: np.ndarray, part: np.ndarray, layer: int | None) -> None:
-    # Through float32 so float16 / bfloat16 sources convert exactly into any wider parameter dtype.
-    value = part.astype(np.float32) if part.dtype != destination.dtype else part
-    if layer is None:
-        destination[...] = value
-    else:
-        destination[layer] = value
+    plan = []
+    for rule in arch.rules(m):
+        expected = _expected_hf_shape(rule, m, shapes)
+        for i, name in enumerate(rule.hf_names(m)):
+            found = _find_tensor(weights, rule, name, arch, m)
+            if weights.shape(found) != expected:
+                raise ConversionError(f"{weights.file(found)}: tensor {found!r} has shape {weights.shape(found)}, "
+                                      f"but config.json ({_shape_summary(m)}) implies {expected}")
+            weights.readable(found)
+            plan.append(TensorSource(found, rule, i if rule.per_layer else None))
+    _check_no_leftovers(weights, {source.name for source in plan}, arch, m)
+    return plan
 
 
 def _check_no_leftovers(weights: SafetensorsWeights, used: set[str], arch: Architecture, m: ModelConfig) -> None:
@@ -516,6 +497,59 @@ def _check_no_leftovers(weights: SafetensorsWeights, used: set[str], arch: Archi
         raise ConversionError(f"{weights.directory}: tensors {leftover[:5]}{' ...' if len(leftover) > 5 else ''} have "
                               f"no place in {arch.hf_class} as config.json describes it ({_shape_summary(m)}); "
                               "the weights and config.json do not match")
+
+
+def _write_into(destination, value, start):
+    # Through float32, so float16 / bfloat16 sources convert exactly into any wider parameter dtype.
+    value = value.astype(jnp.float32).astype(destination.dtype)
+    if value.ndim < destination.ndim:  # one layer of a stacked parameter
+        value = value[None]
+    return jax.lax.dynamic_update_slice(destination, value, start)
+
+
+@functools.cache
+def _writer(sharding):
+    # The destination is donated, so each tensor is written in place: the model is held once.
+    return jax.jit(_write_into, donate_argnums=0, out_shardings=sharding)
+
+
+class ParamsOnMesh:
+    """Our parameters, created as zeros on their shardings and filled one converted tensor at a time.
+
+    The host holds only the tensor being converted (and its copy on its way to the devices). A value
+    may be smaller than its destination: the rest stays zero (vocabulary padding).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], shardings: dict[str, Any], dtype: str):
+        self.arrays = {path: jax.jit(functools.partial(jnp.zeros, shape, numpy_dtype(dtype)),
+                                     out_shardings=shardings[path])()
+                       for path, shape in shapes.items()}
+
+    def write(self, path: str, value: np.ndarray, layer: int | None) -> None:
+        destination = self.arrays[path]
+        sharding = destination.sharding
+        if layer is not None:  # the value is one layer: the destination's sharding without the layers axis
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+        placed = jax.device_put(value, sharding)
+        start = (layer or 0,) + (0,) * (destination.ndim - 1)
+        # Waiting here keeps one tensor in flight, so host copies are freed before the next is read.
+        self.arrays[path] = _writer(destination.sharding)(destination, placed, start).block_until_ready()
+
+    def tree(self) -> dict:
+        return unflatten_params(self.arrays)
+
+
+def read_hf_params(plan: list[TensorSource], m: ModelConfig, weights: SafetensorsWeights, target: ParamsOnMesh,
+                   show_progress: bool = True) -> None:
+    """Fill ``target`` with the planned tensors, one at a time; ``m`` describes the source (its own n_vocab)."""
+    from tqdm import tqdm
+
+    for source in tqdm(plan, unit="tensor", desc="import", disable=not show_progress):
+        array = weights.get(source.name)
+        parts = source.rule.transform.from_hf(array, m)
+        del array  # a transform that copies (a transpose, a split) lets the original go before the upload
+        for path, part in zip(source.rule.ours, parts):
+            target.write(path, part, source.layer)
 
 
 def copy_tokenizer_files(source_dir: str, destination: str) -> str | None:
@@ -530,17 +564,18 @@ def copy_tokenizer_files(source_dir: str, destination: str) -> str | None:
 
 
 def _import_mesh(config: Config, devices=None):
-    """Spread the parameters over all local devices on the fsdp axis when d_model allows (less memory each)."""
-    import jax
+    """The parameters spread over as many local devices as d_model allows, on the fsdp axis.
 
+    Each device holds a different part, so the model is held once in all (replicating it on a dp
+    axis would hold one copy per device, which on a CPU is host memory).
+    """
     from mesh_transformer.config import check_mesh_fits
     from mesh_transformer.sharding import mesh_from_shape
 
     devices = list(devices if devices is not None else jax.local_devices())
-    n = len(devices)
-    shape = (1, n, 1) if config.model.d_model % n == 0 else (n, 1, 1)
-    check_mesh_fits(config, *shape)
-    return mesh_from_shape(shape, devices)
+    fsdp = max(n for n in range(1, len(devices) + 1) if config.model.d_model % n == 0)
+    check_mesh_fits(config, 1, fsdp, 1)
+    return mesh_from_shape((1, fsdp, 1), devices[:fsdp])
 
 
 @dataclass(frozen=True)
@@ -572,13 +607,16 @@ def imported_config(hf_path: str, model_keys: dict[str, Any], arch: Architecture
 
 
 def import_hf(hf_path: str, output_dir: str, *, revision: str | None = None, param_dtype: str = "float32",
-              pad_vocab_multiple: int = 1, seed: int = 0, show_progress: bool = True, devices=None) -> ImportSummary:
+              pad_vocab_multiple: int = 1, seed: int = 0, with_optimizer_state: bool = False,
+              show_progress: bool = True, devices=None) -> ImportSummary:
     """Convert a Hugging Face model of a supported architecture (``models/registry.py``) into ``output_dir``.
 
-    Writes ``output_dir/checkpoint/step_0`` (params + fresh optimizer state), ``output_dir/config.json``
+    Writes ``output_dir/checkpoint/step_0`` (the parameters; a fresh optimizer state only with
+    ``with_optimizer_state``: training makes one when a checkpoint has none), ``output_dir/config.json``
     (model keys from the HF config, fine-tuning defaults, ``model_dir`` = that checkpoint) and, when the
-    source has them, the tokenizer files under ``output_dir/tokenizer``. Every tensor is checked
-    against config.json before anything is written.
+    source has them, the tokenizer files under ``output_dir/tokenizer``. Every tensor's name and shape
+    is checked against config.json before any is read; tensors are then read one at a time and
+    written in place into the parameters on the devices, so that the parameters are held only there.
     """
     from mesh_transformer.config import to_json_dict
 
@@ -601,14 +639,16 @@ def import_hf(hf_path: str, output_dir: str, *, revision: str | None = None, par
     config_path = os.path.join(output_dir, "config.json")
     config = parse_config(raw, source=config_path)
 
-    with SafetensorsWeights(source) as weights:
-        flat = read_hf_params(arch, dataclasses.replace(config.model, n_vocab=hf_vocab), weights, param_dtype,
-                              show_progress)
+    source_model, weights = dataclasses.replace(config.model, n_vocab=hf_vocab), SafetensorsWeights(source)
+    plan = plan_import(arch, source_model, weights)
+    trainer = Trainer(config, _import_mesh(config, devices))
+    params = ParamsOnMesh(expected_param_shapes(config.model), flatten_params(trainer.state_shardings().params),
+                          param_dtype)
+    read_hf_params(plan, source_model, weights, params, show_progress)
     metadata = {"config": to_json_dict(config),
                 "imported_from": {"hf_path": hf_path, "revision": revision, "architecture": arch.hf_class}}
-    params = unflatten_params(pad_vocab(flat, config.model.n_vocab))
-    del flat  # save_step_zero frees the arrays once they are on the devices
-    save_step_zero(Trainer(config, _import_mesh(config, devices)), params, seed, config.run.model_dir, metadata)
+    save_step_zero(trainer, params.tree(), seed, config.run.model_dir, metadata,
+                   with_optimizer_state=with_optimizer_state)
     if tokenizer_dir:
         copy_tokenizer_files(source, tokenizer_dir)
     storage.write_text_atomic(config_path, json.dumps(raw, indent=2) + "\n")

@@ -11,6 +11,7 @@ import logging
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from mesh_transformer.config import Config, check_mesh_fits, to_json_dict
@@ -19,26 +20,44 @@ from mesh_transformer.data.loader import LoaderState
 from mesh_transformer.models.transformer import abstract_params
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.training.steps import Trainer
+from mesh_transformer.training.run import OPT_STATE_SAVED
+from mesh_transformer.training.steps import StepGuard, Trainer
 
 log = logging.getLogger(__name__)
 
 
-def save_step_zero(trainer: Trainer, params: dict, seed: int, directory: str, metadata: dict) -> None:
-    """Write ``params`` (host arrays) with a freshly initialised optimizer state as step 0 under ``directory``.
+def save_step_zero(trainer: Trainer, params: dict, seed: int, directory: str, metadata: dict, *,
+                   with_optimizer_state: bool) -> None:
+    """Write ``params`` as step 0 under ``directory``; with a freshly initialised optimizer state only if
+    ``with_optimizer_state``.
 
-    Consumes ``params``: the dict is emptied once its arrays are on the devices, so that the host copy
-    (24 GB for GPT-J-6B in fp32) is freed before the save, unless the caller keeps other references.
-    The metadata records the beginning of the data, so ``directory`` also serves as a run directory
-    that trains on from here; ``--tune-model-path`` reads only its parameters and optimizer state.
+    Without it the checkpoint is a third of the size and the save holds no optimizer state in memory;
+    the metadata says ``OPT_STATE_SAVED`` false, and training from it starts the same fresh optimizer
+    state itself. ``params`` are host arrays or arrays already on ``trainer``'s mesh. Consumes
+    ``params``: the dict is emptied once its arrays are on the devices, so that a host copy (24 GB for
+    GPT-J-6B in fp32) is freed before the save, unless the caller keeps other references. The metadata
+    records the beginning of the data, so ``directory`` also serves as a run directory that trains on
+    from here.
     """
-    # Each parameter goes straight onto its shards instead of onto one device first.
+    # Each parameter goes straight onto its shards instead of onto one device first; arrays already
+    # there stay as they are.
     placed = jax.device_put(params, trainer.state_shardings().params)
     params.clear()
-    state = trainer.state_from_params(placed, seed)
+    if with_optimizer_state:
+        state = trainer.state_from_params(placed, seed)
+    else:
+        state, metadata = _state_without_optimizer(trainer, placed, seed), {**metadata, OPT_STATE_SAVED: False}
     del placed  # the state holds the parameters now
-    with Checkpointer(directory, async_save=False) as checkpointer:
+    # Uncompressed: compressing would hold a compressed copy of the model while it is written.
+    with Checkpointer(directory, async_save=False, compress=False) as checkpointer:
         checkpointer.save(0, state, {"step": 0, "train_loader": LoaderState().to_dict(), **metadata}, force=True)
+
+
+def _state_without_optimizer(trainer: Trainer, params: dict, seed: int) -> dict:
+    """The fields of ``trainer.state_from_params(params, seed)`` but ``opt_state``, with the same values."""
+    shardings = trainer.state_shardings()
+    small = {"step": np.int32(0), "rng": jax.random.key_data(jax.random.key(seed)), "guard": StepGuard.fresh()}
+    return {"params": params, **jax.device_put(small, {key: getattr(shardings, key) for key in small})}
 
 
 def _check_matches_model(params: dict, config: Config) -> None:
@@ -74,7 +93,7 @@ def convert_legacy_checkpoint(path: str, config: Config, output_dir: str, mesh: 
         "converted_from": {"path": info.step_dir, "layout": f"mesh-transformer-jax v1 ({info.kind})",
                            "legacy_shards": info.shards, "legacy_step": info.step},
     }
-    save_step_zero(trainer, params, config.train.seed, output_dir, metadata)
+    save_step_zero(trainer, params, config.train.seed, output_dir, metadata, with_optimizer_state=True)
     log.info("wrote %s step 0 on mesh %s from %s (legacy step %d)", output_dir, dict(mesh.shape), info.step_dir,
              info.step)
     return 0

@@ -1,9 +1,9 @@
 """Safetensors files without torch: a streaming writer whose headers are planned up front, and a lazy reader.
 
 The writer holds one tensor at a time: each file's header (names, shapes, byte offsets) is known
-from the plan, so it is written first and tensors are appended as they arrive. The reader opens
-``model.safetensors`` or the shards an index names and returns one tensor at a time; pickled
-PyTorch weights are never loaded (they can run code).
+from the plan, so it is written first and tensors are appended as they arrive. The reader parses the
+headers of ``model.safetensors`` or of the shards an index names, and reads one tensor at a time
+with a plain file read; pickled PyTorch weights are never loaded (they can run code).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -138,28 +139,70 @@ def cast_for_export(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
+# Dtype codes of the safetensors format that a model's floating-point weights use.
+SAFETENSORS_READ_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's own limit
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: ``file`` from byte ``start`` (absolute), with this dtype code and shape."""
+
+    file: str
+    start: int
+    nbytes: int
+    dtype_code: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: str) -> dict[str, StoredTensor]:
+    """Every tensor a safetensors file holds, from its header alone (no tensor data is read)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if not 0 < length <= MAX_HEADER_BYTES:
+            raise ConversionError(f"{path}: not a safetensors file (header length {length})")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            (begin, end), code, shape = entry["data_offsets"], entry["dtype"], tuple(entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: the safetensors header entry of tensor {name!r} is not "
+                                  f"{{dtype, shape, data_offsets}}: {entry!r}"[:500]) from None
+        tensors[name] = StoredTensor(path, 8 + length + begin, end - begin, code, shape)
+    needed, size = max((t.start + t.nbytes for t in tensors.values()), default=0), os.path.getsize(path)
+    if needed > size:
+        raise ConversionError(f"{path}: truncated: its header places tensors up to byte {needed}, the file has {size}")
+    return tensors
+
+
 class SafetensorsWeights:
-    """The tensors of a Hugging Face model directory, read lazily one at a time (safetensors only)."""
+    """The tensors of a Hugging Face model directory (safetensors only), read one at a time on request.
+
+    Each tensor is read straight from its file into one new array: no memory map is kept (its pages
+    would count towards the process's memory), so reading a model holds one tensor at a time.
+    """
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.files = self._tensor_files(directory)
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
+        self.tensors: dict[str, StoredTensor] = {}
+        for path in self._tensor_files(directory):
+            self.tensors.update(read_safetensors_header(path))
 
     @staticmethod
-    def _tensor_files(directory: str) -> dict[str, str]:
-        from safetensors import safe_open
-
+    def _tensor_files(directory: str) -> list[str]:
         index = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-            return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+            return [os.path.join(directory, file) for file in sorted(set(weight_map.values()))]
         single = os.path.join(directory, SINGLE_FILE)
         if os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
-                return {name: single for name in f.keys()}
+            return [single]
         pickles = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
                    if os.path.exists(os.path.join(directory, f))]
         hint = (f"; it has {pickles[0]}, pickled PyTorch weights, which are never loaded here (they can run code). "
@@ -169,24 +212,38 @@ class SafetensorsWeights:
 
     @property
     def names(self) -> set[str]:
-        return set(self.files)
+        return set(self.tensors)
+
+    def file(self, name: str) -> str:
+        return self.tensors[name].file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.tensors[name].shape
+
+    def readable(self, name: str) -> np.dtype:
+        """The dtype the tensor reads as; ConversionError unless it is a weights' floating-point type
+        and its bytes span exactly its shape (both known from the header, before anything is read)."""
+        stored = self.tensors[name]
+        if stored.dtype_code not in SAFETENSORS_READ_DTYPES:
+            raise ConversionError(f"{stored.file}: tensor {name!r} has dtype {stored.dtype_code}; only "
+                                  f"{', '.join(SAFETENSORS_READ_DTYPES)} weights can be imported")
+        dtype = numpy_dtype(SAFETENSORS_READ_DTYPES[stored.dtype_code])
+        needed = math.prod(stored.shape) * dtype.itemsize
+        if needed != stored.nbytes:
+            raise ConversionError(f"{stored.file}: tensor {name!r} spans {stored.nbytes} bytes, but shape "
+                                  f"{stored.shape} of {stored.dtype_code} needs {needed}")
+        return dtype
 
     def get(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(path, framework="numpy"))
-        return self._handles[path].get_tensor(name)
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> SafetensorsWeights:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        stored = self.tensors[name]
+        array = np.empty(stored.shape, self.readable(name))
+        with open(stored.file, "rb") as f:
+            f.seek(stored.start)
+            read = f.readinto(array.reshape(-1).view(np.uint8))
+        if read != stored.nbytes:
+            raise ConversionError(f"{stored.file}: truncated: tensor {name!r} needs {stored.nbytes} bytes from "
+                                  f"offset {stored.start}, only {read} are there")
+        return array
 
 
 def write_json(url: str, value: Any) -> None:

@@ -12,9 +12,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
-from mesh_transformer.inference.sampler import Choice, Controls, host_controls, set_controls
+from mesh_transformer.inference.sampler import (Choice, Controls, advance_counters, host_controls, set_controls,
+                                                upload_controls)
 from mesh_transformer.inference.shapes import MIN_CACHE_LENGTH, MIN_PROMPT_BUCKET, bucket_size, bucket_sizes
 from mesh_transformer.inference.text import PromptTooLong, SamplingParams, SequenceState, TokenLogprob
 from mesh_transformer.models.layers import LayerCache
@@ -79,7 +80,10 @@ class DecodeBatch:
     call reaches, up to ``max_length``. Growing pads the cache; when the need falls to a quarter,
     the cache shrinks and the sequences move to the first rows. Host-side arrays hold each row's
     next input token, its position and its sampling settings; a free row sits at position
-    ``length``, so its cache writes fall off the end and are dropped. ``step`` runs
+    ``length``, so its cache writes fall off the end and are dropped. The settings are uploaded to
+    the devices only when sequences join or rows move (a resize); otherwise decode calls reuse them,
+    each row's token counter advanced on the devices (a free row's settings are never read back).
+    ``step`` runs
     ``steps_per_call`` decode steps per device call; a sequence that finishes within a call has its
     later tokens ignored. An error in one sequence's host-side work (its settings, its text) ends
     that sequence alone (``SequenceState.fail``); the others go on.
@@ -94,6 +98,7 @@ class DecodeBatch:
         self.next_token = np.zeros(0, np.int32)
         self.position = np.zeros(0, np.int32)
         self.controls = host_controls(0)
+        self._uploaded: Controls | None = None  # ``controls`` on the devices, until the rows change
 
     @property
     def active(self) -> list[SequenceState]:
@@ -131,6 +136,7 @@ class DecodeBatch:
             if not sequence.finished:
                 self.slots[slot] = sequence
                 set_controls(self.controls, slot, sequence)
+                self._uploaded = None
                 self.position[slot] = len(sequence.prompt) - 1
                 updates.append((sequence, self._record(slot, choice, row)))
             else:  # failed above: its request hears of it
@@ -143,10 +149,10 @@ class DecodeBatch:
             return []
         self._fit(len(self.active), max(self._reach()))
         occupied = [i for i, s in enumerate(self.slots) if s is not None]
-        for slot in occupied:
-            self.controls["counter"][slot] = len(self.slots[slot].tokens)
-        self.cache, choices = self.gen.decode(self.cache, self.next_token, self.position, Controls(**self.controls),
+        controls = self._device_controls(occupied)
+        self.cache, choices = self.gen.decode(self.cache, self.next_token, self.position, controls,
                                               self.steps_per_call)
+        self._uploaded = advance_counters(controls, self.steps_per_call)
         choices = fetch_to_host(choices)
         updates = []
         for slot in occupied:
@@ -157,6 +163,14 @@ class DecodeBatch:
                 pieces.append(self._record(slot, jax.tree.map(lambda a, i=i: a[i], choices), slot))
             updates.append((sequence, "".join(pieces)))
         return updates
+
+    def _device_controls(self, occupied: list[int]) -> Controls:
+        """The rows' sampling settings on the devices: uploaded after sequences joined or rows moved."""
+        if self._uploaded is None:
+            for slot in occupied:
+                self.controls["counter"][slot] = len(self.slots[slot].tokens)
+            self._uploaded = upload_controls(self.controls, self.gen.cache_sharding(self.rows).mesh)
+        return self._uploaded
 
     def _reach(self) -> list[int]:
         """For each active row, the cache length its next decode call writes up to."""
@@ -182,6 +196,7 @@ class DecodeBatch:
         self.position = _moved(self.position, kept, rows, length)
         self.controls = {name: _moved(array, kept, rows, host_controls(1)[name][0])
                          for name, array in self.controls.items()}
+        self._uploaded = None
         self.rows, self.length = rows, length
 
     def _record(self, slot: int, choice: Choice, row: int) -> str:
@@ -217,7 +232,8 @@ class DecodeBatch:
 
     def _compile_every_shape(self) -> None:
         """In parallel threads (XLA compiles without holding the GIL): the cache allocations and the
-        prefills, then what takes their outputs: decode calls, row insertions and resizes."""
+        prefills, then what takes their outputs: decode calls, row insertions and resizes; and the
+        advance of the sampling settings' counters."""
         with concurrent.futures.ThreadPoolExecutor() as pool:
             caches = dict(zip(self._cache_shapes(), pool.map(lambda shape: self.gen.compile_new_cache(*shape),
                                                              self._cache_shapes())))
@@ -229,6 +245,8 @@ class DecodeBatch:
                      if group <= rows and width <= length]  # ``add`` fits the cache to the joining group
             jobs += [functools.partial(_compile_resize, caches[old], new, self.gen.cache_sharding(new[0]))
                      for old, new in self._resizes()]
+            jobs += [functools.partial(_compile_advance_counters, rows, self.gen.cache_sharding(rows).mesh,
+                                       self.steps_per_call) for rows in bucket_sizes(1, self.capacity, 4)]
             for done in concurrent.futures.as_completed([pool.submit(job) for job in jobs]):
                 done.result()
 
@@ -256,6 +274,10 @@ def _compile_insert_rows(cache: Cache, fresh: Cache) -> None:
 def _compile_resize(cache: Cache, shape: tuple[int, int], sharding: NamedSharding) -> None:
     rows, length = shape
     resize_cache.lower(cache, np.zeros(rows, np.int32), length, sharding).compile()
+
+
+def _compile_advance_counters(rows: int, mesh: Mesh, steps: int) -> None:
+    advance_counters.lower(upload_controls(host_controls(rows), mesh), steps).compile()
 
 
 def _isolated(sequence: SequenceState, work, *args):

@@ -22,13 +22,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig
 from mesh_transformer.inference.batching import Cache, DecodeBatch
-from mesh_transformer.inference.sampler import Choice, Controls, choose_tokens, host_controls
+from mesh_transformer.inference.sampler import Choice, Controls, choose_tokens, host_controls, upload_controls
 from mesh_transformer.inference.text import Completion, SamplingParams, SequenceState
 from mesh_transformer.inference.weights import load_params, param_shardings
 from mesh_transformer.models.layers import init_cache
 from mesh_transformer.models.outputs import real_vocab_size
 from mesh_transformer.models.transformer import STACKED_LAYERS, Transformer, unstack_layers
-from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, mesh_from_shape
+from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, mesh_from_shape, traced_on
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -40,9 +40,14 @@ def forward(cfg: ModelConfig, params, tokens, positions, cache: Cache):
 # The jitted steps take the config and the real vocabulary size as static arguments, so every
 # Generator of one model shares their compilations.
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def prefill(cfg: ModelConfig, real_vocab: int, params, tokens, lengths, controls: Controls):
-    """Run a group of right-padded prompts; returns their keys/values and each one's first new token."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def prefill(cfg: ModelConfig, real_vocab: int, mesh: Mesh, params, tokens, lengths, controls: Controls):
+    """Run a group of right-padded prompts; returns their keys/values and each one's first new token.
+    Traced on the mesh, so that a fused attention kernel runs per shard."""
+    return traced_on(mesh, _prefill)(cfg, real_vocab, params, tokens, lengths, controls)
+
+
+def _prefill(cfg: ModelConfig, real_vocab: int, params, tokens, lengths, controls: Controls):
     group, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
     logits, fresh = forward(cfg, params, tokens, positions, init_cache(cfg, group, length))
@@ -85,9 +90,9 @@ def decode_layout(cfg: ModelConfig, mesh: Mesh):
     return jax.jit(unstack_layers, out_shardings=decode_param_shardings(cfg, mesh))
 
 
-def _host_step_inputs(rows: int) -> tuple[np.ndarray, np.ndarray, Controls]:
+def _host_step_inputs(rows: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray, Controls]:
     """Next tokens, positions and controls of ``rows`` rows, as a decode call takes them."""
-    return np.zeros(rows, np.int32), np.zeros(rows, np.int32), Controls(**host_controls(rows))
+    return np.zeros(rows, np.int32), np.zeros(rows, np.int32), upload_controls(host_controls(rows), mesh)
 
 
 class Generator:
@@ -110,7 +115,7 @@ class Generator:
         self.params = decode_layout(model_config, self.mesh)(params)
 
     def prefill(self, tokens, lengths, controls: Controls) -> tuple[Cache, Choice]:
-        return prefill(self.cfg, self.real_vocab, self.params, tokens, lengths, controls)
+        return prefill(self.cfg, self.real_vocab, self.mesh, self.params, tokens, lengths, controls)
 
     def decode(self, cache: Cache, tokens, positions, controls: Controls, steps: int) -> tuple[Cache, Choice]:
         return decode_steps(self.cfg, self.real_vocab, self.params, cache, tokens, positions, controls, steps)
@@ -131,12 +136,13 @@ class Generator:
     def compile_prefill(self, group: int, width: int) -> Cache:
         """Returns the shapes and shardings of the keys/values the prefill makes."""
         tokens, lengths, controls = np.zeros((group, width), np.int32), np.ones(group, np.int32), host_controls(group)
-        lowered = prefill.lower(self.cfg, self.real_vocab, self.params, tokens, lengths, Controls(**controls))
+        lowered = prefill.lower(self.cfg, self.real_vocab, self.mesh, self.params, tokens, lengths,
+                                Controls(**controls))
         return lowered.compile().out_info[0]
 
     def compile_decode(self, cache: Cache, steps: int) -> None:
         """``cache``: the shapes and shardings of a cache, e.g. from ``compile_new_cache``."""
-        inputs = _host_step_inputs(cache[0].keys.shape[0])
+        inputs = _host_step_inputs(cache[0].keys.shape[0], self.mesh)
         decode_steps.lower(self.cfg, self.real_vocab, self.params, cache, *inputs, steps).compile()
 
     # ----- requests -----

@@ -8,10 +8,13 @@ logits), whatever the sampling settings.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer.inference.text import MAX_TOP_LOGPROBS, SequenceState
 from mesh_transformer.models.outputs import mask_padded_vocab, token_logprobs, top_logprobs
@@ -89,6 +92,18 @@ def host_controls(rows: int) -> dict[str, np.ndarray]:
     return dict(temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32),
                 top_p=np.ones(rows, np.float32), key_data=np.zeros((rows, 2), np.uint32),
                 counter=np.zeros(rows, np.int32), want_top=np.zeros(rows, bool))
+
+
+def upload_controls(controls: dict[str, np.ndarray], mesh: Mesh) -> Controls:
+    """Host controls as arrays replicated on ``mesh``, for decode calls to reuse until the rows change."""
+    return Controls(**jax.device_put(controls, NamedSharding(mesh, PartitionSpec())))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def advance_counters(controls: Controls, steps: int) -> Controls:
+    """``controls`` after a decode call of ``steps`` steps, on the devices: every row that is still
+    decoding has generated ``steps`` more tokens (a row that finished leaves the batch)."""
+    return controls.replace(counter=controls.counter + steps)
 
 
 def set_controls(controls: dict[str, np.ndarray], row: int, sequence: SequenceState) -> None:

@@ -105,10 +105,26 @@ class IncrementalDecoder:
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            return self._commit(len(self.ids), after[len(before):])
+        if len(self.ids) - self.read > MAX_CHARACTER_TOKENS:
+            return self._commit_settled(before, after)
+        return ""
+
+    def _commit_settled(self, before: str, after: str) -> str:
+        """Commit all but the last tokens of a window that keeps ending unfinished (bytes that are no
+        character, e.g. a run of lone continuation bytes): only those last tokens can hold the start of
+        a character that a later token completes. Without this the window, and the cost of each push,
+        would grow with the run."""
+        settled = len(self.ids) - MAX_CHARACTER_TOKENS + 1
+        text = self.tokenizer.decode(self.ids[self.prefix:settled])
+        if not (after.startswith(text) and text.startswith(before)):
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        return self._commit(settled, text[len(before):])
+
+    def _commit(self, read: int, piece: str) -> str:
+        self.prefix, self.read = self.read, read
+        return piece
 
     def flush(self) -> str:
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])

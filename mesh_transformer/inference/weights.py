@@ -57,15 +57,26 @@ def find_checkpoint(path: str, step: int | None = None) -> CheckpointStep:
 def load_params(config: Config, checkpoint: str | None = None, step: int | None = None, mesh: Mesh | None = None):
     """Parameters of a checkpoint (a run directory or its step_N directory; default the config's
     model_dir), the newest step unless ``step`` is given, sharded like training on ``mesh``. Native
-    checkpoints and those of the original mesh-transformer-jax (full or slim) are read."""
+    checkpoints and those of the original mesh-transformer-jax (full or slim) are read.
+
+    Native parameters are verified against the checksums saved with them: a damaged step that was asked
+    for raises ``BadCheckpoint`` (one line naming the step and array); without a step asked for, the
+    newest intact one is loaded, with a warning for each damaged one passed over."""
     mesh = mesh or make_mesh(config)
-    found = find_checkpoint(checkpoint or config.run.checkpoint_dir, step)
+    path = checkpoint or config.run.checkpoint_dir
+    found = find_checkpoint(path, step)
     if found.legacy:
         log.info("reading %s as a mesh-transformer-jax checkpoint", found.path)
         params = legacy.read_legacy_params(found.path, config, dtype=config.model.param_dtype)
         return jax.device_put(params, param_shardings(config.model, mesh))
+    target = {"params": sharded_abstract_params(config.model, mesh)}
     with Checkpointer(found.path) as checkpoints:
-        target = {"params": sharded_abstract_params(config.model, mesh)}
-        restored, _ = checkpoints.restore(target, found.step, restore_keys=("params",))
-    log.info("loaded the parameters of step %d from %s", found.step, found.path)
-    return restored["params"]
+        def params_of(step_number: int):
+            return checkpoints.restore(target, step_number, restore_keys=("params",))[0]["params"]
+
+        if step is None and found.path == path.rstrip("/"):  # a run directory, no step asked for
+            loaded_step, params, _ = checkpoints.restore_newest(params_of)
+        else:
+            loaded_step, params = found.step, params_of(found.step)
+    log.info("loaded the parameters of step %d from %s", loaded_step, found.path)
+    return params

@@ -1,8 +1,9 @@
 """The pieces a transformer layer is built from, as Flax modules and pure functions (no I/O).
 
-Dense projections, LayerNorm / RMSNorm, rotary position embeddings, attention masks, softmax
-attention (multi-head or grouped-query), the attention and MLP (dense or gated) sub-layers and the
-KV cache they read and write during decoding. ``transformer.py`` stacks them into the model.
+Dense projections, LayerNorm / RMSNorm, rotary position embeddings, the attention and MLP (dense or
+gated) sub-layers and the KV cache they read and write during decoding; the attention math itself
+(the XLA path and the fused kernels) is in ``attention.py``. ``transformer.py`` stacks them into
+the model.
 
 Every weight is created with logical axis names (see ``sharding.LOGICAL_AXIS_RULES``), so the same
 code runs on any (dp, fsdp, mp) mesh.
@@ -15,7 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mesh_transformer.config import ModelConfig, resolve_compute_dtype
+from mesh_transformer.config import ModelConfig, resolve_attention, resolve_compute_dtype
+from mesh_transformer.models.attention import attend, attention_mask, self_attention
 from mesh_transformer.sharding import constrain
 
 INIT_STDDEV = 0.02
@@ -29,6 +31,14 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     """The dtype matmuls run in. ``auto`` is resolved here for the default backend; code that knows
     its mesh (``train.Trainer``, the planner) resolves it for the mesh's platform beforehand."""
     return dtype_of(resolve_compute_dtype(cfg.compute_dtype, jax.default_backend()))
+
+
+def attention_kernel(cfg: ModelConfig) -> str:
+    """The attention kernel (``attention.KERNELS``); resolved here for the default device when the
+    config was not resolved for its mesh beforehand, as ``compute_dtype`` is."""
+    device = jax.devices()[0]
+    return resolve_attention(cfg.attention, device.platform, device.device_kind,
+                             resolve_compute_dtype(cfg.compute_dtype, device.platform))
 
 
 def _kernel_init(names: tuple[str, ...], stddev: float = INIT_STDDEV):
@@ -140,15 +150,6 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array, style: str) -> ja
     return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
 
 
-GLOBAL_WINDOW = 2**30  # a window no sequence reaches: plain causal attention
-
-
-def attention_mask(q_positions: jax.Array, k_positions: jax.Array, window: jax.Array) -> jax.Array:
-    """(batch, q, k) mask: causal, and within ``window`` tokens back for local-attention layers."""
-    distance = q_positions[:, :, None] - k_positions[:, None, :]
-    return (distance >= 0) & (distance < window)
-
-
 @flax.struct.dataclass
 class LayerCache:
     """One layer's attention keys and values, (batch, kv_heads, length, head_dim); index = token position.
@@ -176,43 +177,6 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> tuple[LayerCache, .
     return tuple(LayerCache(zeros(), zeros()) for _ in range(cfg.layers))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | None,
-           kv_layout: str = "bkhd") -> jax.Array:
-    """Softmax attention of q (batch, length, heads, head_dim) over k, v (batch, length, kv_heads,
-    head_dim); ``mask`` is (batch, q_length, k_length) or (q_length, k_length). Scores and softmax in
-    float32, scale 1/sqrt(head_dim) if None. ``kv_layout="bhkd"`` takes k, v as (batch, kv_heads,
-    length, head_dim), the KV cache's layout.
-
-    With fewer key/value heads than query heads (grouped-query attention), each run of
-    heads // kv_heads consecutive query heads shares one key/value head. Those query heads are laid
-    end to end along the query axis, so each key/value head is read once by one batched matmul and
-    never repeated; with one query head per key/value head this is the multi-head layout unchanged
-    (a 5-D einsum over (kv_heads, group) instead made XLA transpose the score matrix, 12% slower).
-
-    The same math as ``jax.nn.dot_product_attention``, written out because that function's forward
-    + backward ran about 1.5x slower on XLA:CPU (bench/RESULTS.md).
-    """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[kv_layout.index("h")]
-    group = heads // kv_heads
-    kv = kv_layout.replace("h", "g")
-    stacked = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
-    stacked = stacked.reshape(batch, kv_heads, group * length, head_dim)
-    scale = head_dim**-0.5 if scale is None else scale
-    scores = jnp.einsum(f"bgQd,{kv}->bgQk", stacked, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(_stacked_mask(mask, group), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bgQk,{kv}->bgQd", probs, v).reshape(batch, kv_heads, group, length, head_dim)
-    return out.transpose(0, 3, 1, 2, 4).reshape(q.shape)
-
-
-def _stacked_mask(mask: jax.Array, group: int) -> jax.Array:
-    """The mask of ``group`` query heads laid end to end: (..., q, k) -> (..., 1, group * q, k)."""
-    *lead, q_length, k_length = mask.shape
-    tiled = jnp.broadcast_to(mask[..., None, :, :], (*lead, group, q_length, k_length))
-    return tiled.reshape(*lead, 1, group * q_length, k_length)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -236,15 +200,18 @@ class Attention(nn.Module):
             q = apply_rotary(q, sin, cos, cfg.rotary_style)
             k = apply_rotary(k, sin, cos, cfg.rotary_style)
         scale = None if cfg.scale_attention else 1.0
+        # A call whose tokens fill a whole cache is a prefill from position 0: the queries attend to
+        # exactly their own keys, so it is self-attention, as in training.
+        prefill = cache is not None and cache.keys.shape[2] == length
         if cache is not None:
             cache = cache.write(k, v, positions)
+        if cache is None or prefill:
+            local = cfg.window_size if cfg.has_local_attention else None
+            out = self_attention(q, k, v, positions, window, scale, attention_kernel(cfg), local)
+        else:
             cached = cache.keys.shape[2]
             mask = attention_mask(positions, jnp.broadcast_to(jnp.arange(cached), (batch, cached)), window)
             out = attend(q, cache.keys.astype(q.dtype), cache.values.astype(q.dtype), mask, scale, kv_layout="bhkd")
-        elif cfg.has_local_attention:
-            out = attend(q, k, v, attention_mask(positions, positions, window), scale)
-        else:
-            out = attend(q, k, v, jnp.tril(jnp.ones((length, length), bool)), scale)
         out = constrain(out.reshape(batch, length, cfg.n_heads * cfg.head_dim), ("batch", "length", "act_heads"))
         return dense_layer(cfg, cfg.d_model, ("heads", "embed"), "out_proj", use_bias=cfg.out_bias,
                            stddev=_residual_stddev(cfg))(out), cache

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from mesh_transformer.config import ModelConfig
+from mesh_transformer.models.attention import GLOBAL_WINDOW
 from mesh_transformer.models.layers import (
-    GLOBAL_WINDOW,
     MLP,
     Attention,
     LayerCache,
@@ -45,6 +45,14 @@ def layer_windows(cfg: ModelConfig) -> jax.Array:
     """Per-layer attention window, scanned alongside the stacked layers."""
     kinds = cfg.attention_layers or ("global",) * cfg.layers
     return jnp.asarray([cfg.window_size if k == "local" else GLOBAL_WINDOW for k in kinds], jnp.int32)
+
+
+def residual_axes(cfg: ModelConfig) -> tuple[str, str, str]:
+    """The residual stream's logical axes between layers. With ``sequence_parallel`` its length is
+    split over mp (Megatron-style sequence parallelism): the layer inputs that training keeps for
+    the backward pass then take 1/mp of the memory, and XLA gathers the sequence before the
+    attention and MLP matmuls and reduce-scatters after them, in place of one all-reduce."""
+    return ("batch", "residual_length" if cfg.sequence_parallel else "length", "act_embed")
 
 
 def unstack_layers(params) -> dict:
@@ -80,7 +88,7 @@ class Block(nn.Module):
             x = x + mlp(mlp_norm(x))
         else:
             x = x + attended + mlp(mlp_norm(x) if mlp_norm else h)
-        return constrain(x, ("batch", "length", "act_embed")), cache
+        return constrain(x, residual_axes(cfg)), cache
 
 
 def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
@@ -125,7 +133,7 @@ class Transformer(nn.Module):
         x = self.wte(tokens)
         if self.cfg.pe == "fixed":
             x = x + self.wpe(positions)
-        return constrain(x, ("batch", "length", "act_embed"))
+        return constrain(x, residual_axes(self.cfg))
 
     def head(self, x: jax.Array) -> jax.Array:
         x = self.ln_f(x)

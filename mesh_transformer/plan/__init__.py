@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mesh_transformer.config import Config, ConfigError, MeshConfig, check_mesh_fits
-from mesh_transformer.hardware import GIB
+from mesh_transformer.hardware import GIB, Accelerator
 from mesh_transformer.plan.estimate import StepEstimate, estimate_step
-from mesh_transformer.plan.memory import MemoryBreakdown, analytic_memory, compile_step, state_shards
+from mesh_transformer.plan.memory import (MemoryBreakdown, analytic_memory, compile_step, resolved_model,
+                                          state_shards)
 from mesh_transformer.plan.targets import (PlanError, Target, check_devices, parse_gpu, parse_target, parse_tpu,
                                            tpu_devices, usable_hbm_bytes)
 from mesh_transformer.sharding import MESH_AXES, resolve_mesh_shape
@@ -81,27 +82,27 @@ def _mesh_shape(config: Config, target: Target) -> dict[str, int]:
     return dict(zip(MESH_AXES, shape))
 
 
-def _precision(config: Config, platform: str) -> str:
-    m = config.model.for_platform(platform)
+def _precision(config: Config, accelerator: Accelerator) -> str:
+    m = resolved_model(config, accelerator)
     return (f"{m.param_dtype} parameters and optimizer state, {m.compute_dtype} compute, "
-            f"gradients accumulated in {config.train.grad_accum_dtype}")
+            f"gradients accumulated in {config.train.grad_accum_dtype}; attention kernel {m.attention}")
 
 
 def make_plan(config: Config, target: Target, *, compile: bool = True) -> Plan:
     """The plan of ``config`` on ``target``: compiled for TPU slices (unless ``compile=False``), analytic for GPUs."""
     mesh_shape = _mesh_shape(config, target)
-    platform = target.accelerator.platform
+    accelerator = target.accelerator
     estimate = estimate_step(config, mesh_shape, target.accelerator, state_shards(config, mesh_shape))
     if target.compiled and compile:
         check_devices(target)
         compiled = compile_step(config, tpu_devices(target.topology), usable_hbm_bytes(target.topology))
         return Plan(config, target, mesh_shape, compiled.memory, compiled.hbm_bytes, compiled.fits, estimate,
-                    compiled.compile_seconds, _precision(config, platform))
-    memory = analytic_memory(config, mesh_shape, platform)
+                    compiled.compile_seconds, _precision(config, accelerator))
+    memory = analytic_memory(config, mesh_shape, accelerator)
     hbm = (usable_hbm_bytes(target.topology) if target.compiled
            else target.accelerator.hbm_bytes * GPU_USABLE_FRACTION)
     return Plan(config, target, mesh_shape, memory, hbm, memory.total <= hbm, estimate, None,
-                _precision(config, platform))
+                _precision(config, accelerator))
 
 
 def _divisors(n: int) -> list[int]:

@@ -8,9 +8,19 @@ all-reduces the gradients once per step. Collectives are costed as rings at the 
 bandwidth per device and assumed NOT to overlap with compute. The optimizer update reads and writes
 the parameters, the gradients and Adam's moments once from HBM.
 
+Attention depends on the kernel (``config.resolve_attention``). The XLA path computes the whole
+score matrix, masked half included, and moves it through HBM: the float32 scores written and read
+for the softmax, the probabilities (compute dtype) written and read for the weighted sum; in the
+backward pass the probabilities read, their float32 gradient written and read with them, and the
+scores' gradient written and read by two matmuls (``score_traffic_bytes``; an upper bound, as XLA
+fuses some of these). A fused kernel keeps
+its tiles on chip and skips the tiles the causal (or local) mask removes whole. On TPU v2/v3 the
+kernel's float32 matmuls are assumed to run at a third of the bf16 peak (``FLOAT32_MATMUL_SLOWDOWN``;
+the MXU multiplies bfloat16, and float32 takes several passes: an assumption, not a figure).
+
 What it leaves out, and why real steps are slower: matmuls below peak (small or oddly shaped
-ones), element-wise work (norms, softmax, GELU, rotary), attention scores in float32, the launch
-overhead of small ops. Compare with a measured run before trusting the absolute number.
+ones), element-wise work (norms, GELU, rotary), the launch overhead of small ops. Compare with a
+measured run before trusting the absolute number.
 """
 
 from __future__ import annotations
@@ -19,10 +29,13 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from mesh_transformer.config import Config
+from mesh_transformer.config import Config, ModelConfig
 from mesh_transformer.hardware import Accelerator
+from mesh_transformer.models.attention import SPLASH_BLOCKS
 from mesh_transformer.training.metrics import model_flops_per_token
-from mesh_transformer.plan.memory import StateShards, optimizer_slots
+from mesh_transformer.plan.memory import StateShards, optimizer_slots, resolved_model, score_elements
+
+FLOAT32_MATMUL_SLOWDOWN = 3.0
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,26 @@ class StepEstimate:
     compute_seconds: float
     communication_seconds: float
     optimizer_seconds: float
+
+
+def attention_tiles_computed(m: ModelConfig) -> float:
+    """The share of the score matrix a kernel computes: all of it on the XLA path; for a fused
+    kernel the tiles on or below the diagonal (and, in local layers, within the window)."""
+    if m.attention == "xla":
+        return 1.0
+    block = next((b for b in SPLASH_BLOCKS if m.seq % b == 0), m.seq)
+    tiles = m.seq // block
+    causal = (tiles + 1) / (2 * tiles)
+    kinds = m.attention_layers or ("global",) * m.layers
+    local = min(1.0, (m.window_size + block) / m.seq)
+    return sum(min(causal, local) if k == "local" else causal for k in kinds) / len(kinds)
+
+
+def score_traffic_bytes(compute_bytes: int, passes: int) -> float:
+    """HBM bytes moved per score-matrix element and layer on the XLA path (see the module docstring)."""
+    forward = 4 + 4 + 2 * compute_bytes
+    backward = compute_bytes + 4 + 4 + compute_bytes + 2 * compute_bytes
+    return forward * (passes - 1) + backward
 
 
 def tokens_per_step(config: Config, mesh_shape: dict[str, int]) -> int:
@@ -50,20 +83,26 @@ def _ring_seconds(bytes_per_device: float, group: int, bandwidth: float, all_red
 
 def estimate_step(config: Config, mesh_shape: dict[str, int], accelerator: Accelerator,
                   shards: StateShards) -> StepEstimate:
-    m, t = config.model.for_platform(accelerator.platform), config.train
+    m, t = resolved_model(config, accelerator), config.train
     dp, fsdp, mp = mesh_shape["dp"], mesh_shape["fsdp"], mesh_shape["mp"]
     devices = dp * fsdp * mp
-    per_token = model_flops_per_token(shards.non_embedding_params, m.layers, m.d_model, m.seq)
-    model_flops = per_token * tokens_per_step(config, mesh_shape)
-    # remat full recomputes the forward pass (a third of the model FLOPs) in the backward pass.
-    hardware_flops = model_flops * (4 / 3 if m.remat == "full" else 1.0)
+    tokens = tokens_per_step(config, mesh_shape)
+    model_flops = model_flops_per_token(shards.non_embedding_params, m.layers, m.d_model, m.seq) * tokens
+    dense_flops = model_flops_per_token(shards.non_embedding_params, 0, m.d_model, m.seq) * tokens
+    attention_flops = model_flops - dense_flops  # the whole score matrix, as model FLOPs count it
+    # remat full recomputes the forward pass (a third of the FLOPs) in the backward pass.
+    recompute = 4 / 3 if m.remat == "full" else 1.0
     micro = t.gradient_accumulation_steps
     compute_bytes = jnp.dtype(m.compute_dtype).itemsize
     passes = 3 if m.remat == "full" else 2  # forward, (recomputed forward,) backward
 
-    flops_per_micro = hardware_flops / devices / micro
+    peak = accelerator.peak_bf16_flops
+    attention_rate = peak / FLOAT32_MATMUL_SLOWDOWN if m.attention == "splash_float32" else peak
+    matmul_seconds = recompute * (dense_flops / peak + attention_flops * attention_tiles_computed(m) / attention_rate)
+    score_seconds = (m.layers * score_elements(m, t.per_replica_batch, mp) * score_traffic_bytes(compute_bytes, passes)
+                     / accelerator.hbm_bandwidth if m.attention == "xla" else 0.0)
     weight_reads = passes * shards.params * compute_bytes
-    compute = micro * max(flops_per_micro / accelerator.peak_bf16_flops, weight_reads / accelerator.hbm_bandwidth)
+    compute = micro * max(matmul_seconds / devices / micro + score_seconds, weight_reads / accelerator.hbm_bandwidth)
 
     bandwidth = accelerator.interconnect_bandwidth
     activation_bytes = t.per_replica_batch * m.seq * m.d_model * compute_bytes

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
+from mesh_transformer.hardware import Accelerator, accelerator_for_device_kind
 from mesh_transformer.models.transformer import STACKED_LAYERS, Transformer, non_embedding_params
 from mesh_transformer.plan.targets import parse_available_hbm, parse_required_hbm
 from mesh_transformer.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -110,16 +111,29 @@ def batch_bytes(config: Config) -> float:
     return 2 * 4.0 * config.train.gradient_accumulation_steps * rows * (config.model.seq + 1)
 
 
-def analytic_memory(config: Config, mesh_shape: dict[str, int], platform: str) -> MemoryBreakdown:
+def resolved_model(config: Config, accelerator: Accelerator) -> ModelConfig:
+    """The model config as it runs on ``accelerator``: compute dtype and attention kernel resolved."""
+    return config.model.for_platform(accelerator.platform, accelerator.device_kinds[0])
+
+
+def score_elements(m: ModelConfig, rows: int, mp: int) -> float:
+    """One layer's attention scores per device, as the XLA path writes them out; the fused kernels
+    keep only a couple of numbers per query row (their softmax statistics)."""
+    queries = rows * m.n_heads / mp * m.seq
+    return queries * (m.seq if m.attention == "xla" else 2)
+
+
+def analytic_memory(config: Config, mesh_shape: dict[str, int], accelerator: Accelerator) -> MemoryBreakdown:
     """An analytic model of the step's per-device memory (no compiler involved).
 
     Activations: with ``remat: full`` every layer's input is kept (batch x seq x d_model in the
-    compute dtype, replicated over mp) plus one layer's working set while it is recomputed; without
-    remat a layer keeps about 16 d_model-wide and 3 d_ff-wide values per token, plus its attention
-    probabilities. The logits and their gradient are float32. Calibrated on XLA's figures for
-    GPT-J-6B; an estimate, labelled so wherever it is shown.
+    compute dtype, replicated over mp unless ``sequence_parallel``) plus one layer's working set
+    while it is recomputed; without remat a layer keeps about 16 d_model-wide and 3 d_ff-wide values
+    per token, plus its attention probabilities (none with a fused kernel). The logits and their
+    gradient are float32. Calibrated on XLA's figures for GPT-J-6B; an estimate, labelled so
+    wherever it is shown.
     """
-    m, t = config.model.for_platform(platform), config.train
+    m, t = resolved_model(config, accelerator), config.train
     shards = state_shards(config, mesh_shape)
     mp = mesh_shape["mp"]
     compute_bytes = jnp.dtype(m.compute_dtype).itemsize
@@ -128,10 +142,11 @@ def analytic_memory(config: Config, mesh_shape: dict[str, int], platform: str) -
     gradients = shards.params * jnp.dtype(t.grad_accum_dtype).itemsize
     tokens = t.per_replica_batch * m.seq
     heads_local, ff_local = m.n_heads / mp, m.ff_dim / mp
-    scores = t.per_replica_batch * heads_local * m.seq * m.seq * 4  # float32 scores, one layer
+    scores = score_elements(m, t.per_replica_batch, mp) * 4  # float32
     layer_working = tokens * (6 * m.d_model + 4 * m.n_heads * m.head_dim / mp + 3 * ff_local) * compute_bytes + 3 * scores
     if m.remat == "full":
-        kept = m.layers * tokens * m.d_model * compute_bytes + layer_working
+        residual = tokens * m.d_model * compute_bytes / (mp if m.sequence_parallel else 1)
+        kept = m.layers * residual + layer_working
         cast_copy = shards.layer_params * compute_bytes if compute_bytes < shards.param_bytes else 0
     else:
         per_layer = tokens * (16 * m.d_model + 3 * ff_local) * compute_bytes + scores
@@ -153,7 +168,7 @@ def compile_step(config: Config, devices, hbm_bytes: float) -> CompiledStep:
     mesh = make_mesh(config, devices)
     trainer = Trainer(config, mesh)
     shape_dict = dict(mesh.shape)
-    analytic = analytic_memory(config, shape_dict, "tpu")
+    analytic = analytic_memory(config, shape_dict, accelerator_for_device_kind(devices[0].device_kind))
     micro = config.train.gradient_accumulation_steps
     batch_shape = (micro, config.train.per_replica_batch * shape_dict["dp"] * shape_dict["fsdp"], config.model.seq + 1)
     sharding = trainer.batch_sharding()

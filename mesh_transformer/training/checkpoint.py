@@ -12,20 +12,35 @@ Atomicity comes from Orbax (orbax-checkpoint 0.12):
 
 Only finalized steps are listed, so a process killed mid-save leaves the previous checkpoint as the
 latest. Its leftover temporary directory is removed before this run's first save.
+
+Integrity: the metadata record also holds, under ``integrity``, a 64-bit checksum, the shape and the
+dtype of every array, and a crc32c of the metadata and those records. Restoring verifies what it reads
+against them; unreadable files or a mismatch raise ``BadCheckpoint`` naming the step (and the array).
+The checksum hashes each element's bits with its position, computed on the devices where the array
+lives: no extra host copy, every process gets the same value, and it is the same on any mesh, so a
+checkpoint is verified wherever it is restored. Checkpoints written before checksums existed restore
+unverified. A failed background save raises ``CheckpointSaveFailed`` at the next ``check_save``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import crc32c
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax import lax
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from mesh_transformer import storage
@@ -35,8 +50,12 @@ logger = logging.getLogger(__name__)
 STEP_PREFIX = "step"
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
+INTEGRITY_KEY = "integrity"  # reserved in the metadata record: see the module doc
+SET_ASIDE_SUFFIX = ".bad"  # step_N.bad: a checkpoint moved out of the way; neither Orbax nor we list it
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
 _UNFINISHED_STEP_DIR = re.compile(rf"^{STEP_PREFIX}_\d+({re.escape(ocp.path.step.TMP_DIR_SUFFIX)}.*)?$")
+_SETTLE_TIMEOUT_S = 60  # for the writes of a failed save still under way (another process may hold them up)
+T = TypeVar("T")
 
 
 def _orbax_path(url: str) -> str:
@@ -52,11 +71,13 @@ def _atomicity_options(url: str) -> ocp.options.AtomicityOptions:
     return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
 
 
-def _state_handler(url: str) -> ocp.PyTreeCheckpointHandler:
+def _state_handler(url: str, compress: bool) -> ocp.PyTreeCheckpointHandler:
     # OCDBT keeps all arrays in one database whose manifest is updated with conditional writes; on
     # object stores we write one zarr array per leaf instead, which needs no write preconditions
     # (the GCS emulator used in tests intermittently rejects OCDBT's manifest updates).
-    return ocp.PyTreeCheckpointHandler(use_ocdbt=storage.is_local(url))
+    # Compression holds a compressed copy of the arrays being written: about their size again in host
+    # memory during a save (measured on CPU), for weights that barely compress.
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=storage.is_local(url), use_compression=compress)
 
 
 def _name_format(url: str):
@@ -100,6 +121,150 @@ def _require_shardings(abstract: Any) -> None:
             )
 
 
+class BadCheckpoint(ValueError):
+    """A checkpoint that cannot be used: files missing or unreadable, or contents that do not match the
+    checksums recorded when it was saved. The message is one line naming the step and what is wrong."""
+
+    def __init__(self, directory: str, step: int, reason: str):
+        super().__init__(f"checkpoint step {step} in {directory} is damaged: {reason}")
+        self.step = step
+
+
+class CheckpointSaveFailed(RuntimeError):
+    """A save that did not complete; the previous checkpoints are untouched."""
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause's first line: TensorStore's own message, not its 60-line spec dump."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
+
+
+def _failed_anywhere(failed: bool) -> bool:
+    """True on every process when ``failed`` on any: all processes must take the same branch next."""
+    if jax.process_count() == 1:
+        return failed
+    return bool(multihost_utils.process_allgather(np.asarray(failed, np.int32)).any())
+
+
+# ----- array checksums -----
+
+_SEEDS = (0x243F6A88, 0x85A308D3)  # two independent 32-bit lanes make a 64-bit checksum
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finalizer: flipping any input bit flips each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32, keeping its axes (and so its sharding); 8-byte types gain an axis of 2."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize >= 4:
+        return lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """Each element's row-major index (mod 2**32), built from iotas: flattening would reshard the array."""
+    index = jnp.zeros(shape, jnp.uint32)
+    for axis, size in enumerate(shape):
+        index = index * np.uint32(size) + lax.broadcasted_iota(jnp.uint32, shape, axis)
+    return index
+
+
+def _hash_sums(words: jax.Array, positions: jax.Array) -> jax.Array:
+    """Sum over elements of hash(bits, position), one 32-bit lane per seed."""
+    return jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(positions * np.uint32(0x9E3779B9) + np.uint32(seed))),
+                              dtype=jnp.uint32) for seed in _SEEDS])
+
+
+@jax.jit
+def _array_checksum(x: jax.Array) -> jax.Array:
+    """Any changed, lost or moved element changes it."""
+    words = _words(x)
+    return _hash_sums(words, _positions(words.shape))
+
+
+@jax.jit
+def _array_checksum_by_rows(x: jax.Array) -> jax.Array:
+    """``_array_checksum``, one slice of the leading axis at a time (the sums are the same). XLA:CPU
+    writes the hashed values out before summing them, so hashing a layer-stacked parameter whole
+    took scratch memory of twice its size (15 GB for GPT-J-6B's fc_in); per slice it is one layer's."""
+    def add_row(i, sums):
+        row = _words(lax.dynamic_index_in_dim(x, i, keepdims=False))
+        return sums + _hash_sums(row, _positions(row.shape) + i.astype(jnp.uint32) * np.uint32(row.size % 2**32))
+
+    return lax.fori_loop(0, x.shape[0], add_row, jnp.zeros(len(_SEEDS), jnp.uint32))
+
+
+def _checksum_of(array: jax.Array) -> jax.Array:
+    # Slicing a leading axis that is split over devices would gather it: those arrays are hashed whole.
+    spec = getattr(array.sharding, "spec", ())
+    split_rows = len(spec) > 0 and spec[0] is not None
+    return _array_checksum(array) if array.ndim < 2 or split_rows else _array_checksum_by_rows(array)
+
+
+def _leaf_name(path: tuple) -> str:
+    """``params/transformer/...``: the same for a dataclass state and the dict of its fields."""
+    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _checksums(arrays: dict[str, jax.Array]) -> dict[str, str]:
+    """One array at a time: several programs with collectives in flight at once can deadlock XLA's CPU
+    runtime. One program per shape and sharding, shared by every state and subset of it."""
+    checksums = {}
+    for name, array in arrays.items():
+        # Replicated: any local copy will do, also where the array spans several processes.
+        digest = np.asarray(_checksum_of(array).addressable_data(0))
+        checksums[name] = "".join(f"{int(word):08x}" for word in digest)
+    return checksums
+
+
+def _record_crc(metadata: dict, arrays: dict) -> int:
+    """crc32c of the metadata and the array records: JSON has no checksum of its own."""
+    return crc32c.crc32c(json.dumps([metadata, arrays], sort_keys=True).encode())
+
+
+def _integrity_record(state: Any, metadata: dict) -> dict:
+    leaves = _named_leaves(state)
+    checksums = _checksums(leaves)
+    arrays = {name: {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype), "checksum": checksums[name]}
+              for name, leaf in leaves.items()}
+    return {"crc32c": _record_crc(metadata, arrays), "arrays": arrays}
+
+
+def _move_tree(source: epath.Path, target: epath.Path) -> None:
+    """A rename locally. On object stores every object is copied (server side) before any is deleted, so a
+    failure leaves the source complete (fsspec's recursive move ignores copy errors). Through epath, so
+    that the listing Orbax caches sees the change."""
+    if source.as_posix().startswith("/"):
+        source.rename(target)
+        return
+    for path in list(_files_under(source)):
+        path.copy(target / path.relative_to(source))
+    source.rmtree()
+
+
+def _files_under(directory: epath.Path):
+    for child in directory.iterdir():
+        if child.is_dir():
+            yield from _files_under(child)
+        else:
+            yield child
+
+
 class Checkpointer:
     """Saves and restores ``(state, metadata)`` under ``{directory}/step_{N}``.
 
@@ -113,6 +278,7 @@ class Checkpointer:
         keep_last: int = 3,
         keep_every: int | None = None,
         async_save: bool = True,
+        compress: bool = True,
     ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
@@ -130,9 +296,10 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(
             _orbax_path(directory), options=options,
-            item_handlers={STATE_ITEM: _state_handler(directory), METADATA_ITEM: ocp.JsonCheckpointHandler()},
+            item_handlers={STATE_ITEM: _state_handler(directory, compress), METADATA_ITEM: ocp.JsonCheckpointHandler()},
         )
         self._cleaned_unfinished = False
+        self.step_in_flight: int | None = None  # the step of the save started last, until its outcome is known
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, ascending; a save still in flight is not listed."""
@@ -148,24 +315,40 @@ class Checkpointer:
         The arrays are snapshotted before returning, so the caller may donate or overwrite them.
         A step at or below the newest checkpoint is skipped unless ``force``; ``force`` also suits a
         signal handler: it saves regardless of ordering, and a step that already exists is skipped
-        (it is already on storage). Call ``wait()`` to block until the checkpoint is complete.
+        (it is already on storage). Call ``check_save()`` or ``wait()`` to learn how the save ended.
+        Raises ``CheckpointSaveFailed`` if the previous save or the synchronous part of this one failed.
         """
         try:
             json.dumps(metadata)
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint metadata for step {step} must be JSON-serializable: {e}") from e
+        if INTEGRITY_KEY in metadata:
+            raise ValueError(f"checkpoint metadata for step {step} may not use the reserved key {INTEGRITY_KEY!r}")
+        self.wait()  # Orbax would wait for the previous save anyway; this names its step if it failed
         if step in self._manager.all_steps():
-            logger.info("Checkpoint for step %d already exists (or is being written) in %s; not saving again",
-                        step, self.directory)
+            logger.info("Checkpoint for step %d already exists in %s; not saving again", step, self.directory)
             return
         self._remove_unfinished_saves()
+        record = {**metadata, INTEGRITY_KEY: _integrity_record(state, metadata)}
         args = ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: ocp.args.JsonSave(metadata)}
+            **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: ocp.args.JsonSave(record)}
         )
-        if not self._manager.save(step, args=args, force=force):
+        try:
+            saved = self._manager.save(step, args=args, force=force)
+        except Exception as e:
+            raise CheckpointSaveFailed(f"checkpoint step {step} failed: {_reason(e)}") from e
+        if saved:
+            self.step_in_flight = step
+        else:
             logger.warning("Skipped checkpoint for step %d in %s: it is not after the newest step %s "
                            "(pass force=True to save it anyway)", step, self.directory,
                            self._manager.latest_step())
+
+    def check_save(self) -> None:
+        """Raise ``CheckpointSaveFailed`` if the save in flight has finished and failed; return at once
+        while it is still running. Cheap (no I/O, no collective): meant to be called after every step."""
+        if self.step_in_flight is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def _remove_unfinished_saves(self) -> None:
         """Delete what a killed save left behind, once, before this run's first save.
@@ -201,24 +384,130 @@ class Checkpointer:
         each array goes; it may use a different mesh than the one the checkpoint was saved from.
         With ``restore_keys`` (e.g. ``("params",)``) only those top-level entries are read and the
         result is a dict of just them; the other saved entries (optimizer state, ...) need not match.
+        Raises ``BadCheckpoint`` if files are missing or unreadable or the contents do not match their
+        checksums, and ``ValueError`` if the checkpoint does not hold what ``abstract_state`` describes.
         """
         step = self._resolve_step(step)
-        if restore_keys is not None:
-            target = {key: _subtree(abstract_state, key) for key in restore_keys}
-        else:
-            target = abstract_state
+        partial = restore_keys is not None
+        target = {key: _subtree(abstract_state, key) for key in restore_keys} if partial else abstract_state
         _require_shardings(target)
+        metadata = self._read(step, "metadata", lambda: self._manager.restore(
+            step, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))[METADATA_ITEM])
+        if not isinstance(metadata, dict):
+            raise BadCheckpoint(self.directory, step, f"its metadata is {type(metadata).__name__}, not a JSON object")
+        record = metadata.pop(INTEGRITY_KEY, None)
+        if record is None:
+            logger.info("checkpoint step %d in %s has no checksums (written by an older version): not verified",
+                        step, self.directory)
+            self._check_saved_keys(step, restore_keys)
+        else:
+            self._check_record(step, metadata, record, target, partial)
         state_args = ocp.args.PyTreeRestore(
             item=target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=restore_keys is not None,
+            partial_restore=partial,
         )
-        args = ocp.args.Composite(**{STATE_ITEM: state_args, METADATA_ITEM: ocp.args.JsonRestore()})
+        state = self._read(step, "arrays", lambda: self._manager.restore(
+            step, args=ocp.args.Composite(**{STATE_ITEM: state_args}))[STATE_ITEM])
+        if record is not None:
+            self._verify(step, state, record["arrays"])
+        return state, metadata
+
+    def _read(self, step: int, what: str, read: Callable[[], T]) -> T:
+        """``read()``; ``BadCheckpoint`` on every process if it failed on any."""
         try:
-            restored = self._manager.restore(step, args=args)
-        except ValueError as e:
-            raise ValueError(f"cannot restore checkpoint step {step} from {self.directory}: {e}") from e
-        return restored[STATE_ITEM], restored[METADATA_ITEM]
+            result, error = read(), None
+        except Exception as e:  # TensorStore and Orbax raise many types for unreadable files
+            result, error = None, e
+        if _failed_anywhere(error is not None):
+            reason = _reason(error) if error is not None else "reading failed on another process"
+            raise BadCheckpoint(self.directory, step, f"cannot read its {what}: {reason}") from None
+        return result
+
+    def _mismatch(self, step: int, what: str) -> ValueError:
+        return ValueError(f"cannot restore checkpoint step {step} from {self.directory}: {what}")
+
+    def _check_saved_keys(self, step: int, restore_keys: Sequence[str] | None) -> None:
+        """Without checksums, this tells an entry that was never saved from damage (Orbax raises for both)."""
+        if restore_keys is None:
+            return
+        tree = self._read(step, "array metadata", lambda: self._manager.item_metadata(step)[STATE_ITEM])
+        if tree is None:  # no tree metadata file: Orbax restores without it, so leave the judgement to it
+            return
+        saved = set(getattr(tree, "tree", tree))
+        missing = [key for key in restore_keys if key not in saved]
+        if missing:
+            raise self._mismatch(step, f"it holds no {missing} (saved entries: {sorted(saved)})")
+
+    def _check_record(self, step: int, metadata: dict, record: dict, target: Any, partial: bool) -> None:
+        """The record is intact, and the checkpoint holds every array ``target`` asks for in its shape."""
+        saved = record.get("arrays") if isinstance(record, dict) else None
+        if not isinstance(saved, dict) or record.get("crc32c") != _record_crc(metadata, saved):
+            raise BadCheckpoint(self.directory, step, "its metadata does not match the crc32c recorded at save")
+        wanted = _named_leaves(target)
+        missing = [name for name in wanted if name not in saved]
+        if missing:
+            raise self._mismatch(step, f"it holds no array {missing[0]} ({len(missing)} asked for are missing)")
+        unasked = [] if partial else [name for name in saved if name not in wanted]
+        if unasked:
+            raise self._mismatch(step, f"it holds arrays the restore does not ask for, e.g. {unasked[0]} "
+                                       f"({len(unasked)} in all); pass restore_keys to read only some entries")
+        for name, leaf in wanted.items():
+            if tuple(leaf.shape) != tuple(saved[name]["shape"]):
+                raise self._mismatch(step, f"array {name} has shape {tuple(saved[name]['shape'])} there, "
+                                           f"{tuple(leaf.shape)} expected")
+
+    def _verify(self, step: int, state: Any, saved: dict) -> None:
+        """Each restored array's checksum equals the one recorded at save."""
+        leaves = _named_leaves(state)
+        # Restoring into another dtype converts the values, so their bits cannot match the saved ones.
+        same_dtype = {name: leaf for name, leaf in leaves.items() if str(leaf.dtype) == saved[name]["dtype"]}
+        if len(same_dtype) < len(leaves):
+            logger.info("checkpoint step %d in %s: %d arrays restored into another dtype are not verified",
+                        step, self.directory, len(leaves) - len(same_dtype))
+        bad = [name for name, checksum in _checksums(same_dtype).items() if checksum != saved[name]["checksum"]]
+        if bad:
+            others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise BadCheckpoint(self.directory, step,
+                                f"array {bad[0]}{others} does not match the checksum recorded at save")
+
+    def restore_newest(self, restore: Callable[[int], T]) -> tuple[int, T, list[int]]:
+        """``(step, restore(step), passed_over)`` for the newest step ``restore`` succeeds on.
+
+        Steps for which it raises ``BadCheckpoint`` are passed over, newest first, with a one-line
+        warning each; ``FileNotFoundError`` if no step is left.
+        """
+        passed_over = []
+        for step in reversed(self.steps()):
+            try:
+                return step, restore(step), passed_over
+            except BadCheckpoint as e:
+                logger.warning("%s; trying the checkpoint before it", e)
+                passed_over.append(step)
+        if passed_over:
+            raise FileNotFoundError(f"no intact checkpoint in {self.directory}: steps {sorted(passed_over)} are "
+                                    "all damaged (see the warnings above)")
+        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+
+    def set_aside(self, steps: Sequence[int]) -> None:
+        """Rename each ``step_N`` of ``steps`` to ``step_N.bad``: nothing is deleted, but it is no longer
+        resumed from, counted by ``keep_last``, or in the way of saving step N again. Call on every process."""
+        if jax.process_index() == 0:
+            for step in steps:
+                self._rename_aside(step)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint set_aside {sorted(steps)}")
+        self._manager.reload()
+
+    def _rename_aside(self, step: int) -> None:
+        root = epath.Path(_orbax_path(self.directory))
+        source = root / f"{STEP_PREFIX}_{step}"
+        target, n = root / f"{source.name}{SET_ASIDE_SUFFIX}", 2
+        while target.exists():  # set aside before, e.g. damaged again after a rerun
+            target, n = root / f"{source.name}{SET_ASIDE_SUFFIX}{n}", n + 1
+        _move_tree(source, target)
+        logger.warning("moved %s to %s: it is no longer resumed from or counted by keep_last; delete it once "
+                       "inspected", source, target)
 
     def _resolve_step(self, step: int | None) -> int:
         steps = self.steps()
@@ -233,12 +522,31 @@ class Checkpointer:
         return step
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is complete; raises if it failed."""
-        self._manager.wait_until_finished()
+        """Block until the save in flight (if any) is complete; ``CheckpointSaveFailed`` if it failed."""
+        step, self.step_in_flight = self.step_in_flight, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._let_failed_writes_finish()
+            self._cleaned_unfinished = False  # the next save removes what this one left
+            raise CheckpointSaveFailed(f"checkpoint step {step} failed: {_reason(e)}") from e
+
+    def _let_failed_writes_finish(self) -> None:
+        """Orbax reports a failed save at its first failed write while the other writes go on; wait for
+        them, so that none is still running at exit (each would print tracebacks at interpreter shutdown).
+        Orbax offers no public handle on them; should this attribute path change, only that noise returns."""
+        async_manager = getattr(getattr(self._manager, "_checkpointer", None), "_async_manager", None)
+        deadline = time.monotonic() + _SETTLE_TIMEOUT_S
+        for commit in getattr(async_manager, "_commit_futures", None) or ():
+            with contextlib.suppress(Exception):
+                commit.result(timeout=max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         """Wait for the save in flight, then release Orbax's threads."""
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from mesh_transformer import storage
-from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoint
+from mesh_transformer.training.checkpoint import BadCheckpoint, Checkpointer, CheckpointSaveFailed, resolve_checkpoint
 from mesh_transformer.config import Config, ConfigError, to_json_dict
 from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFRecordLoader, resolve_index
 from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
@@ -38,7 +38,9 @@ from mesh_transformer.training.steps import StepGuard, Trainer, TrainState, all_
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-UNGUARDED_FIELDS = ("step", "params", "opt_state", "rng")  # what every checkpoint holds, old or new
+UNGUARDED_FIELDS = ("step", "params", "rng")  # what every checkpoint holds, old or new
+# Metadata key, false in checkpoints saved without an optimizer state (imports): training starts a fresh one.
+OPT_STATE_SAVED = "opt_state_saved"
 
 
 @dataclass(frozen=True)
@@ -102,15 +104,21 @@ def _real_vocab_size(config: Config) -> int | None:
     return real_vocab_size(tokenizer, config.model.n_vocab, config.source)
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when ``flag`` is True on any; a collective, so all processes must call it.
+def on_any_process(*flags: bool) -> list[bool]:
+    """Each flag, True on every process when it is True on any; one collective for all of them, so all
+    processes must call it.
 
-    Processes act on signals and end-of-data together this way: one process stopping alone would
-    leave the others waiting forever in the next step's collectives.
+    Processes act on signals, failed saves and end-of-data together this way: one process stopping
+    alone would leave the others waiting forever in the next step's collectives.
     """
     if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.asarray(flag, np.int32)).any())
+        return list(flags)
+    return [bool(x) for x in multihost_utils.process_allgather(np.asarray(flags, np.int32)).any(axis=0)]
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` on every process when it is True on any; see ``on_any_process``."""
+    return on_any_process(flag)[0]
 
 
 def local_row_block(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
@@ -179,10 +187,11 @@ class TrainingRun:
 
     # ----- state -----
     def _initial_state(self) -> tuple[TrainState, LoaderState | None]:
-        latest = self.checkpointer.latest_step()
-        if latest is not None:
+        if self.checkpointer.latest_step() is not None:
+            latest, (state, meta), passed_over = self.checkpointer.restore_newest(self._resumable_state)
+            if passed_over:  # moved, not deleted: saving their steps again must work, and keep_last not count them
+                self.checkpointer.set_aside(passed_over)
             log.info("resuming from %s step %d", self.run_dir, latest)
-            state, meta = self._restored_state(self.checkpointer, latest)
             self.metrics.truncate_after(latest)
             # Checkpoints written by conversions (HF import, legacy) carry no data position: start fresh.
             saved_position = meta.get("train_loader")
@@ -209,16 +218,34 @@ class TrainingRun:
     def _fresh_guard(self) -> StepGuard:
         return jax.device_put(StepGuard.fresh(), self.trainer.state_shardings().guard)
 
+    def _resumable_state(self, step: int) -> tuple[TrainState, dict]:
+        """The state saved as ``step``; ``BadCheckpoint`` if it is damaged or training cannot go on from it."""
+        state, meta = self._restored_state(self.checkpointer, step)
+        if not bool(all_finite((state.params, state.opt_state))):
+            # Only versions that saved non-finite states wrote these: every step from it would be skipped.
+            raise BadCheckpoint(self.run_dir, step, "its parameters or optimizer state are not finite")
+        return state, meta
+
     def _restored_state(self, checkpointer: Checkpointer, step: int) -> tuple[TrainState, dict]:
         """The train state saved as ``step``, and its metadata.
 
-        Checkpoints written before bad steps were skipped hold no ``guard``: they get a fresh one.
+        Checkpoints written before bad steps were skipped hold no ``guard``: they get a fresh one; those
+        written without an optimizer state (``OPT_STATE_SAVED`` false) get a fresh optimizer state.
         """
         abstract = self.trainer.abstract_state()
         restored, meta = checkpointer.restore(abstract, step, restore_keys=UNGUARDED_FIELDS)
+        if meta.get(OPT_STATE_SAVED, True):
+            restored["opt_state"] = checkpointer.restore(abstract, step, restore_keys=("opt_state",))[0]["opt_state"]
+        else:
+            log.info("checkpoint step %d in %s holds no optimizer state: starting a fresh one", step,
+                     checkpointer.directory)
+            init = jax.jit(self.trainer.optimizer.init, out_shardings=self.trainer.state_shardings().opt_state)
+            restored["opt_state"] = init(restored["params"])
         try:
             guard = checkpointer.restore(abstract, step, restore_keys=("guard",))[0]["guard"]
-        except ValueError:
+        except BadCheckpoint:
+            raise
+        except ValueError:  # no guard was saved
             log.info("checkpoint step %d in %s predates bad-step tracking: starting its count at 0",
                      step, checkpointer.directory)
             guard = self._fresh_guard()
@@ -299,7 +326,11 @@ class TrainingRun:
             while step < cfg.total_steps and not stopping:
                 state, metrics = train_step(state, *self._to_device(next(loader)))
                 step += 1
-                stopping = any_process(bool(stop))  # with several processes, one tiny collective per step
+                failure = self._finished_save_failure()
+                # With several processes, one tiny collective per step.
+                stopping, save_failed = on_any_process(bool(stop), failure is not None)
+                if save_failed:
+                    self._stop_after_failed_save(failure)
                 bar.update(1)
                 logging_step = step % cfg.log_every == 0 or step == cfg.total_steps
                 save_due = save_due or step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping
@@ -313,6 +344,8 @@ class TrainingRun:
                     record = {f"train/{k}": v for k, v in metrics.items() if k != "bad_streak"}
                     record["train/tokens_per_sec"] = tokens_per_sec
                     record["train/mfu"] = mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)
+                    if cfg.bad_records == "skip":
+                        record["train/skipped_records"] = self._skipped_records(loader)
                     self.metrics.log(step, record)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
                                     mfu=f"{record['train/mfu']:.1%}")
@@ -350,6 +383,28 @@ class TrainingRun:
                 f"stopped at step {step}: {metrics['bad_streak']} steps in a row were bad (limit "
                 f"max_consecutive_bad_steps={limit}; last loss {metrics['loss']}, gradient norm "
                 f"{metrics['grad_norm']}). {self._newest_checkpoint_line()} Lower lr or check the data.")
+
+    def _finished_save_failure(self) -> CheckpointSaveFailed | None:
+        """The error of the background save if it has just finished and failed: checked after every step,
+        so a full disk stops the run at once rather than at the next save, one ``ckpt_every`` later."""
+        try:
+            self.checkpointer.check_save()
+        except CheckpointSaveFailed as failure:
+            return failure
+        return None
+
+    def _stop_after_failed_save(self, failure: CheckpointSaveFailed | None) -> None:
+        reason = failure or f"checkpoint step {self.checkpointer.step_in_flight} failed on another process"
+        raise CheckpointSaveFailed(f"{reason}. {self._newest_checkpoint_line()}") from failure
+
+    def _skipped_records(self, loader: TFRecordLoader) -> int:
+        """Damaged records passed over by this run's loaders so far (counted when read, a few batches
+        ahead of the step); a collective with several processes."""
+        if jax.process_count() == 1:
+            return loader.skipped_records
+        rows = multihost_utils.process_allgather(np.asarray([*loader.stream_range, loader.skipped_records]))
+        # Processes reading the same streams (a batch replicated across processes) count the same records.
+        return int(sum({(first, stop): count for first, stop, count in rows.tolist()}.values()))
 
     def _newest_checkpoint_line(self) -> str:
         """Where a resume would start, once the save in flight (if any) has finished."""

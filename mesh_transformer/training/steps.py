@@ -17,7 +17,7 @@ from mesh_transformer.config import Config, ModelConfig, OptimizerConfig, TrainC
 from mesh_transformer.models.outputs import token_logprobs
 from mesh_transformer.models.transformer import (STACKED_LAYERS, Block, Transformer, abstract_params, default_positions,
                                                  layer_windows)
-from mesh_transformer.sharding import mesh_platform, named_sharding, traced_on, tree_shardings
+from mesh_transformer.sharding import mesh_device_kind, mesh_platform, named_sharding, traced_on, tree_shardings
 
 # A batch is (microbatches, batch, seq + 1): tokens and a 0/1 mask of real (non-padding) tokens.
 BATCH_AXES = ("microbatch", "batch", "length")
@@ -168,8 +168,8 @@ class Trainer:
 
     @property
     def model_config(self) -> ModelConfig:
-        """The model config with ``compute_dtype: auto`` resolved for the mesh's devices."""
-        return self.config.model.for_platform(mesh_platform(self.mesh))
+        """The model config with ``compute_dtype`` and ``attention`` resolved for the mesh's devices."""
+        return self.config.model.for_platform(mesh_platform(self.mesh), mesh_device_kind(self.mesh))
 
     @property
     def model(self) -> Transformer:
@@ -179,7 +179,7 @@ class Trainer:
         """One line for the start-up log: which dtype each part of the step uses."""
         m = self.model_config
         return (f"mixed precision: {m.param_dtype} parameters and optimizer state, {m.compute_dtype} compute, "
-                f"gradients accumulated in {self.config.train.grad_accum_dtype}")
+                f"gradients accumulated in {self.config.train.grad_accum_dtype}; attention kernel {m.attention}")
 
     @property
     def optimizer(self) -> optax.GradientTransformation:

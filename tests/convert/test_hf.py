@@ -237,21 +237,35 @@ TRAIN_STEP_CASES = [case if case in ("gpt_neo-local-window4", "gpt_neox-parallel
 
 
 @pytest.mark.parametrize("case", TRAIN_STEP_CASES)
-def test_import_then_a_train_step_on_a_2_1_4_mesh_matches_the_hf_loss(imported, case):
-    _, model, output = imported(case)
-    config = load_config(str(output / "config.json"))
-    trainer = Trainer(config, mesh_from_shape((2, 1, 4)))
-    with Checkpointer(config.run.model_dir) as checkpointer:
-        state, _ = checkpointer.restore(trainer.abstract_state(), 0)
-    tokens = random_tokens(5, (2, 17), 64)
-    _, metrics = trainer.jit_train_step()(state, tokens[None], np.ones((1, *tokens.shape), np.float32))
+def test_training_from_an_import_starts_a_fresh_optimizer_and_its_first_loss_is_the_hf_loss(imported, case,
+                                                                                           tmp_path, caplog):
+    """The import holds no optimizer state; fine-tuning from it (on a 2x1x4 mesh) makes one. Every record
+    is the same sequence, so the first step's loss is HF's loss on it, whichever rows the batch holds."""
+    from mesh_transformer.data.tfrecord import open_writer
+    from mesh_transformer.training.run import TrainOptions, train
 
-    logits = hf_logits(model, tokens[:, :-1]).astype(np.float64)
+    _, model, output = imported(case)
+    with Checkpointer(str(output / "checkpoint")) as checkpointer:
+        assert checkpointer.restore(Trainer(load_config(str(output / "config.json")), mesh_from_shape((1, 1, 1)))
+                                    .abstract_state(), 0, restore_keys=("params",))[1]["opt_state_saved"] is False
+    tokens = random_tokens(5, (1, 65), 60)  # seq + 1 of the tokenizer's 60 ids (n_vocab is 64)
+    with open_writer(str(tmp_path / "train_0.tfrecords")) as writer:
+        for _ in range(4):
+            writer.write_example({"text": tokens[0]})
+    (tmp_path / "train.index").write_text("train_0.tfrecords\n")
+    raw = json.loads((output / "config.json").read_text())
+    raw.update(model_dir=str(tmp_path / "run"), train_set=str(tmp_path / "train.index"), total_steps=1,
+               gradient_accumulation_steps=1, mesh={"dp": 2, "fsdp": 1, "mp": 4})
+    with caplog.at_level("INFO", logger="mesh_transformer.training.run"):
+        result = train(parse_config(raw, source="finetune"),
+                       TrainOptions(tune_model_path=str(output / "checkpoint"), show_progress=False))
+    assert "holds no optimizer state: starting a fresh one" in caplog.text
+
+    logits = hf_logits(model, tokens[:, :-1]).astype(np.float64)[..., :60]  # the loss never gives padding ids
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))
     expected = -np.mean(np.take_along_axis(log_probs, tokens[:, 1:, None], -1))
-    assert abs(float(metrics["loss"]) - expected) <= LOGIT_TOLERANCE
-    assert np.isfinite(float(metrics["grad_norm"]))
+    assert result.step == 1 and abs(result.last_loss - expected) <= LOGIT_TOLERANCE
 
 
 @pytest.mark.parametrize("case", IMPORT_CASES)
@@ -290,6 +304,19 @@ def test_import_pads_the_vocabulary_to_a_multiple(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(source))
     diff = max_abs_diff(our_logits(config.model, params, tokens)[..., :61], hf_logits(model, tokens))
     assert diff <= LOGIT_TOLERANCE
+    assert not np.any(params["wte"]["embedding"][61:]) and not np.any(params["lm_head"]["kernel"][:, 61:])
+
+
+def test_import_rounds_float16_weights_into_bfloat16_parameters_as_numpy_does(tmp_path):
+    model = transformers.AutoModelForCausalLM.from_config(gptj_config(n_layer=1))
+    randomize_torch_model(model, 13)
+    model.half().save_pretrained(str(tmp_path / "hf"))
+    hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "ours"), param_dtype="bfloat16", show_progress=False)
+    _, params = restore_imported(tmp_path / "ours")
+    weight = model.transformer.h[0].mlp.fc_in.weight.detach().numpy()  # float16, (out, in)
+    kernel = params["blocks"]["mlp"]["fc_in"]["kernel"][0]
+    assert kernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(kernel), weight.T.astype(np.float32).astype(jnp.bfloat16))
 
 
 @pytest.mark.slow
@@ -383,6 +410,22 @@ def test_import_refuses_tensors_that_do_not_match_config_json(tmp_path):
     with pytest.raises(hf.ConversionError, match=r"'transformer\.h\.0\.mlp\.fc_in\.weight' has shape \(80, 32\).*"
                                                  r"implies \(64, 32\)"):
         hf.import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
+
+
+def test_import_refuses_truncated_and_integer_weights_naming_file_and_tensor_before_reading_any(tmp_path):
+    source = save_hf_model(tmp_path / "hf", gptj_config(n_layer=1), seed=6)
+    weights = source / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-100])
+    with pytest.raises(hf.ConversionError, match=r"model\.safetensors: truncated: its header places tensors up to"):
+        hf.import_hf(str(source), str(tmp_path / "out"), show_progress=False)
+    end = 8 + int.from_bytes(whole[:8], "little")
+    header = json.loads(whole[8:end])
+    header["lm_head.bias"]["dtype"] = "I32"  # the same size as F32
+    weights.write_bytes(whole[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(end - 8) + whole[end:])
+    with pytest.raises(hf.ConversionError, match=r"model\.safetensors: tensor 'lm_head\.bias' has dtype I32"):
+        hf.import_hf(str(source), str(tmp_path / "out"), show_progress=False)
+    assert not (tmp_path / "out" / "checkpoint").exists()
 
 
 def test_import_refuses_pickled_weights_and_rope_scaling(tmp_path):

@@ -1,5 +1,5 @@
-"""Continuous batching: the KV cache follows the load without changing results, and a warmed-up
-batch compiles nothing more, whatever joins and leaves."""
+"""Continuous batching: the KV cache follows the load without changing results, a warmed-up batch
+compiles nothing more, whatever joins and leaves, and sampling settings stay on the devices."""
 
 import contextlib
 import dataclasses
@@ -7,7 +7,9 @@ import dataclasses
 import jax
 import numpy as np
 
+from mesh_transformer.inference import batching
 from mesh_transformer.inference.engine import Generator
+from mesh_transformer.inference.sampler import upload_controls
 from mesh_transformer.inference.text import SamplingParams, SequenceState
 from tests.inference.tiny_model import CFG, TOKENIZER, full_logits, init_params
 
@@ -100,3 +102,51 @@ def test_an_error_in_one_sequence_ends_that_sequence_only(monkeypatch):
     failed = sequences.pop(2)
     assert failed.finish_reason == "error" and failed.error and len(failed.tokens) == 2
     assert [s.completion().tokens for s in sequences] == expected
+
+
+def test_sampling_settings_are_uploaded_only_when_sequences_join(monkeypatch):
+    """Decode calls between joins transfer no settings to the devices: every ``upload_controls`` is
+    counted, and each decode call runs under a transfer guard once its tokens and positions are placed."""
+    gen = Generator(CFG, init_params(CFG, seed=3), TOKENIZER)
+    batch = gen.batch(capacity=4, steps_per_call=2)
+    uploads = []
+    monkeypatch.setattr(batching, "upload_controls", lambda *a: uploads.append(a) or upload_controls(*a))
+    original_decode = gen.decode
+
+    def guarded_decode(cache, tokens, positions, controls, steps):
+        tokens, positions = jax.device_put((tokens, positions))
+        with jax.transfer_guard_host_to_device("disallow"):
+            return original_decode(cache, tokens, positions, controls, steps)
+
+    monkeypatch.setattr(gen, "decode", guarded_decode)
+    settings = SamplingParams(max_new_tokens=9, temperature=0.9, top_k=5, seed=1, stop_at_eos=False)
+    short = dataclasses.replace(settings, max_new_tokens=3)
+    batch.add([gen.sequence([1, 2], settings), gen.sequence([3], short), gen.sequence([6, 7], settings)])
+    counts = []
+    for _ in range(4):  # the short sequence leaves in the first call, the cache keeps its 4 rows: no upload
+        batch.step()
+        counts.append(len(uploads))
+    batch.add([gen.sequence([4, 5], settings)])
+    batch.step()
+    batch.step()
+    assert counts == [1, 1, 1, 1] and len(uploads) == 2
+
+
+def test_seeded_samples_do_not_depend_on_the_decode_steps_per_call():
+    """Each row's key counter advances on the devices between uploads: one step or three per call,
+    and a neighbour joining midway, give the same tokens."""
+    params = init_params(CFG, seed=5)
+    settings = SamplingParams(max_new_tokens=10, temperature=1.0, seed=8, stop_at_eos=False)
+    results = []
+    for steps in (1, 3):
+        gen = Generator(CFG, params, TOKENIZER, steps_per_call=steps)
+        batch = gen.batch()
+        first, second = gen.sequence([1, 2, 3], settings), gen.sequence([4], settings)
+        batch.add([first])
+        batch.step()
+        batch.add([second])
+        while batch.active:
+            batch.step()
+        results.append((first.tokens, second.tokens))
+    assert results[0] == results[1]
+    assert results[0][0] == gen.generate([[1, 2, 3]], settings)[0].tokens

@@ -1,11 +1,15 @@
 """Text handling on the host: streamed text and stop strings, characters split over tokens, token
-text offsets, and the validation of sampling settings."""
+text offsets (in linear time), and the validation of sampling settings."""
 
+from dataclasses import dataclass
+
+import numpy as np
 import pytest
 
-from mesh_transformer.inference.text import SamplingParams, SequenceFailed, SequenceState, TokenLogprob, text_offsets
-from mesh_transformer.tokenizer import ByteTokenizer
-from tests.inference.tiny_model import TOKENIZER
+from mesh_transformer.inference.text import (IncrementalDecoder, SamplingParams, SequenceFailed, SequenceState,
+                                             TokenLogprob, text_offsets)
+from mesh_transformer.tokenizer import ByteTokenizer, TokenizersTokenizer
+from tests.inference.tiny_model import TOKENIZER, byte_level_bpe
 
 
 def feed(sequence: SequenceState, tokens: list[int]) -> list[str]:
@@ -74,3 +78,42 @@ def test_a_failed_sequence_reports_its_error_instead_of_a_completion():
     assert sequence.finished and sequence.finish_reason == "error"
     with pytest.raises(SequenceFailed, match="boom"):
         sequence.completion()
+
+
+@dataclass
+class CountingDecodes:
+    """A tokenizer that counts the ids it is asked to decode: the work, whatever the machine's speed."""
+
+    tokenizer: TokenizersTokenizer
+    decoded_ids: int = 0
+
+    def decode(self, ids) -> str:
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+BPE_TEXTS = ["def main(argv):\n    return sorted(set(argv))", "héllo wörld, €uro 日本語 ünïcödé", "naïve café"] * 20
+
+
+def prompt_ids(tokenizer: TokenizersTokenizer, kind: str, length: int) -> list[int]:
+    if kind == "text":
+        return tokenizer.encode(" ".join(BPE_TEXTS * 40))[:length]
+    if kind == "random ids":
+        return [int(i) for i in np.random.RandomState(length).randint(0, tokenizer.vocab_size, length)]
+    lone = [i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) == "\ufffd"]  # e.g. byte 0x80 alone
+    return [lone[0]] * length
+
+
+@pytest.mark.parametrize("kind", ["text", "random ids", "lone continuation bytes"])
+def test_echo_offsets_of_a_2048_token_prompt_cost_4x_those_of_512_tokens_not_16x(kind):
+    """A run of bytes that never form a character used to keep the decoding window growing."""
+    bpe = byte_level_bpe(BPE_TEXTS, vocab_size=400)
+    work = {}
+    for length in (512, 2048):
+        counting, ids = CountingDecodes(bpe), prompt_ids(bpe, kind, length)
+        offsets = text_offsets(counting, ids)
+        work[length] = counting.decoded_ids
+        decoder = IncrementalDecoder(bpe)
+        assert "".join(decoder.push(t) for t in ids) + decoder.flush() == bpe.decode(ids)
+        assert len(offsets) == length and offsets == sorted(offsets)
+    assert work[2048] <= 4.5 * work[512], work

@@ -16,7 +16,7 @@ import numpy as np
 from mesh_transformer.config import ModelConfig
 from mesh_transformer.inference.engine import Generator
 from mesh_transformer.models.transformer import Transformer
-from mesh_transformer.tokenizer import ByteTokenizer
+from mesh_transformer.tokenizer import ByteTokenizer, TokenizersTokenizer
 
 CFG = ModelConfig(layers=2, d_model=32, n_heads=4, n_vocab=40, seq=32, pe_rotary_dims=4)
 
@@ -46,6 +46,20 @@ class PieceTokenizer:
 
 
 TOKENIZER = PieceTokenizer()
+EOT = "<|endoftext|>"
+
+
+def byte_level_bpe(texts: list[str], vocab_size: int) -> TokenizersTokenizer:
+    """GPT-2's scheme trained on ``texts``: 256 byte tokens, then merges (some inside multi-byte characters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                           show_progress=False))
+    return TokenizersTokenizer("bpe", backend.token_to_id(EOT), backend.get_vocab_size(), backend)
 
 
 def init_params(cfg: ModelConfig = CFG, seed: int = 0):

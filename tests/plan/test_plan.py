@@ -171,3 +171,40 @@ def test_gpt_neox_config_compiles_and_fits_its_slice():
 def test_oversized_config_reports_by_how_much(capsys):
     code, out, _ = run_cli(capsys, "--config", "configs/example_config.json", "--topology", "v2-8")
     assert code == 1 and "DOES NOT FIT" in out and "GiB over" in out and "--suggest" in out
+
+
+def long_context(attention: str, seq: int = 1024):
+    return tiny_config(d_model=256, n_heads=4, pe_rotary_dims=16, seq=seq, per_replica_batch=2, attention=attention,
+                       mesh={"dp": 1, "fsdp": -1, "mp": 1})
+
+
+def test_the_fused_kernel_drops_the_score_matrix_from_the_analytic_estimates():
+    target = parse_tpu("v5e-8")
+    xla, flash = (make_plan(long_context(kind, 8192), target, compile=False) for kind in ("xla", "flash"))
+    assert "attention kernel splash" in flash.precision and "attention kernel xla" in xla.precision
+    # A 2 x 4 heads x 8192^2 float32 score matrix is 2 GiB; three of them in a layer's working set.
+    assert xla.memory.activations - flash.memory.activations > 5 * GIB
+    assert flash.estimate.step_seconds < xla.estimate.step_seconds
+    assert flash.estimate.model_flops_per_step == xla.estimate.model_flops_per_step  # model FLOPs count the square
+
+
+def test_auto_attention_keeps_xla_on_v3_and_the_float32_kernel_is_estimated_slower():
+    target = parse_tpu("v3-8")
+    auto, flash = (make_plan(long_context(kind, 2048), target, compile=False) for kind in ("auto", "flash"))
+    assert "attention kernel xla" in auto.precision and "attention kernel splash_float32" in flash.precision
+
+
+def test_sequence_parallel_divides_the_kept_layer_inputs_by_mp_in_the_analytic_model():
+    config = tiny_config(d_model=256, n_heads=8, seq=1024, per_replica_batch=4, layers=8, mesh={"dp": 1, "mp": 8})
+    plans = [make_plan(config.replace(model=dataclasses.replace(config.model, sequence_parallel=sp)),
+                       parse_tpu("v3-8"), compile=False) for sp in (False, True)]
+    kept = 8 * 4 * 1024 * 256 * 2  # layers x tokens x d_model in bfloat16
+    assert plans[0].memory.activations - plans[1].memory.activations == pytest.approx(kept * 7 / 8)
+
+
+@pytest.mark.slow
+def test_the_splash_kernel_compiles_for_tpu_and_needs_less_memory():
+    """XLA's TPU compiler on compile-only v5e devices: the Mosaic kernel inside the real train step."""
+    xla, flash = (make_plan(long_context(kind, 4096), parse_tpu("v5e-8")) for kind in ("xla", "flash"))
+    assert xla.memory.source == flash.memory.source == "compiled"
+    assert flash.memory.activations < xla.memory.activations / 4

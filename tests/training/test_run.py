@@ -1,6 +1,9 @@
-"""End-to-end training through device_train.py in real subprocesses: resume, kill -9, fine-tune."""
+"""End-to-end training through device_train.py in real subprocesses: resume, kill -9, fine-tune; and in
+this process: damaged and non-finite checkpoints passed over, a failed save, a loss spike, skipped records."""
 
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -10,12 +13,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from mesh_transformer.training.checkpoint import Checkpointer
+from mesh_transformer.training.checkpoint import Checkpointer, CheckpointSaveFailed
 from mesh_transformer.config import load_config
-from mesh_transformer.data.tfrecord import open_writer
+from mesh_transformer.data.loader import TFRecordLoader
+from mesh_transformer.data.tfrecord import HEADER_SIZE, open_writer, scan_record_offsets
 from mesh_transformer.sharding import make_mesh
+from mesh_transformer.training.run import TrainOptions, train
 from mesh_transformer.training.steps import Trainer
 
 from tests.helpers import REPO, strict_json
@@ -207,8 +213,6 @@ def test_bad_config_exits_with_a_clear_message(tmp_path, data_dir):
 
 
 def test_a_converted_checkpoint_without_data_position_trains_from_the_start(tmp_path, data_dir):
-    from mesh_transformer.training.run import TrainOptions, train
-
     config = load_config(str(write_config(tmp_path / "config.json", tmp_path / "run", data_dir, total_steps=2,
                                           mesh={"dp": 8, "fsdp": 1, "mp": 1})))
     trainer = Trainer(config, make_mesh(config))
@@ -220,7 +224,7 @@ def test_a_converted_checkpoint_without_data_position_trains_from_the_start(tmp_
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("step_*"))
+    return sorted(int(p.name.split("_")[1]) for p in run_dir.glob("step_*") if p.name.split("_")[1].isdigit())
 
 
 @pytest.mark.slow
@@ -248,3 +252,154 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_good_checkpoints(tmp_
     records = [strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in records if r.get("train/loss", 0.0) is None]
     assert skipped and all(r["train/skipped"] >= 1 for r in skipped)
+
+
+# ----- in-process runs: damaged checkpoints, failed saves, spikes, skipped records -----
+
+@pytest.fixture
+def fast_runs(monkeypatch):
+    """In-process training without the start-up matmul measurement (about 1.5 s a run here)."""
+    from mesh_transformer.training import run as run_module
+
+    monkeypatch.setattr(run_module, "device_peak_flops", lambda device: (1e12, "table"))
+
+
+def in_process_config(tmp_path: Path, data_dir: Path, **overrides):
+    """One row per device, one micro-batch, no validation: the cheapest run of the tiny model."""
+    raw = dict(dict(mesh={"dp": 8, "fsdp": 1, "mp": 1}, per_replica_batch=1, gradient_accumulation_steps=1,
+                    val_every=1000), **overrides)
+    return load_config(str(write_config(tmp_path / "config.json", tmp_path / "run", data_dir, **raw)))
+
+
+def train_quietly(config):
+    return train(config, TrainOptions(show_progress=False))
+
+
+def largest_file(directory: Path) -> Path:
+    return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def strip_checksums(step_dir: Path) -> None:
+    """Make a checkpoint look like one written before checksums were recorded."""
+    path = step_dir / "metadata" / "metadata"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "integrity"}))
+
+
+def test_resume_passes_over_damaged_and_non_finite_checkpoints_and_sets_them_aside(tmp_path, data_dir, fast_runs,
+                                                                                    caplog):
+    run_dir = tmp_path / "run"
+    config = in_process_config(tmp_path, data_dir, total_steps=8, ckpt_every=2, keep_last=2)
+    trainer = Trainer(config, make_mesh(config))
+    state = trainer.init_state(seed=0)
+    with Checkpointer(str(run_dir), async_save=False, keep_last=10) as checkpoints:
+        for step in (2, 4):  # as a conversion writes them: no data position, so training starts the data afresh
+            checkpoints.save(step, state.replace(step=state.step + step), {"step": step})
+        # What versions before non-finite states were refused wrote after a divergence.
+        nan_params = jax.tree.map(lambda x: x * np.nan, state.params)
+        checkpoints.save(6, state.replace(step=state.step + 6, params=nan_params), {"step": 6})
+    strip_checksums(run_dir / "step_6")
+    truncate = largest_file(run_dir / "step_4" / "state")
+    truncate.write_bytes(truncate.read_bytes()[: truncate.stat().st_size // 2])
+
+    with caplog.at_level(logging.WARNING):
+        result = train_quietly(config)
+
+    assert result.start_step == 2 and result.step == 8
+    damaged = [r.getMessage() for r in caplog.records if " is damaged: " in r.getMessage()]
+    assert len(damaged) == 2 and all("\n" not in line for line in damaged)
+    assert damaged[0].startswith(f"checkpoint step 6 in {run_dir} is damaged: its parameters or optimizer state "
+                                 "are not finite")
+    assert damaged[1].startswith(f"checkpoint step 4 in {run_dir} is damaged: cannot read its arrays: ")
+    # Set aside, not deleted; retention (keep_last=2) kept the newest finite checkpoints, not the NaN one.
+    assert checkpoint_steps(run_dir) == [6, 8]
+    assert sorted(p.name for p in run_dir.glob("step_*.bad")) == ["step_4.bad", "step_6.bad"]
+    assert sorted(train_losses(run_dir)) == list(range(3, 9))
+    with Checkpointer(str(run_dir)) as checkpoints:  # verified against its checksums, and finite
+        restored, _ = checkpoints.restore(trainer.abstract_state(), 8, ("params",))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored))
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step_and_the_previous_checkpoint_resumes(
+        tmp_path, data_dir, fast_runs, monkeypatch):
+    config = in_process_config(tmp_path, data_dir, total_steps=9, ckpt_every=3, keep_last=3)
+    real_save, real_step = ocp.JsonCheckpointHandler._save_fn, Trainer.jit_train_step
+
+    async def full_disk_at_step_6(self, item, directory):  # below the checkpoint layer, in Orbax's background
+        if "step_6" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await real_save(self, item, directory)
+
+    def slow_train_step(self):  # at least 0.1 s a step, so the failed save has ended before step 7 does
+        step = real_step(self)
+
+        def run(*args):
+            out = jax.block_until_ready(step(*args))
+            time.sleep(0.1)
+            return out
+
+        return run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.JsonCheckpointHandler, "_save_fn", full_disk_at_step_6)
+        patch.setattr(Trainer, "jit_train_step", slow_train_step)
+        with pytest.raises(CheckpointSaveFailed) as raised:
+            train_quietly(config)
+    message = str(raised.value)
+    assert message.startswith("checkpoint step 6 failed: OSError: [Errno 28] No space left on device")
+    assert message.endswith(f"The newest checkpoint is step 3 in {tmp_path / 'run'}.") and "\n" not in message
+    assert max(train_losses(tmp_path / "run")) <= 7  # stopped after step 7 or 8, not at the step-9 save
+
+    result = train_quietly(in_process_config(tmp_path, data_dir, total_steps=4, ckpt_every=3, keep_last=3))
+    assert (result.start_step, result.step) == (3, 4)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "step_3", "step_4"]
+
+
+def write_records(path: Path, rows) -> Path:
+    with open_writer(str(path)) as writer:
+        for row in rows:
+            writer.write_example({"text": row})
+    index = path.with_suffix(".index")
+    index.write_text(f"{path.name}\n")
+    return index
+
+
+def reading_order(tmp_path: Path, records: int, seed: int) -> list[int]:
+    """Which record of a one-file index each step reads with one data stream (records marked by their id)."""
+    index = write_records(tmp_path / "probe.tfrecords", [[i] * (SEQ + 1) for i in range(records)])
+    with TFRecordLoader(str(index), SEQ + 1, (1, 1), seed=seed, streams=1) as loader:
+        return [int(next(loader).tokens[0, 0, 0]) for _ in range(records)]
+
+
+def scan_offsets(path: Path) -> list[int]:
+    with open(path, "rb") as f:
+        return scan_record_offsets(f, str(path)).tolist()
+
+
+def test_a_full_run_skips_a_loss_spike_and_logs_skipped_records(tmp_path, fast_runs):
+    records, seed = 32, 3
+    order = reading_order(tmp_path, records, seed)
+    # A constant sequence the model learns within 15 steps, one sequence of another token read at step 16
+    # (a loss spike), then a damaged record just before step 17's.
+    rows = [[5] * (SEQ + 1) for _ in range(records)]
+    rows[order[15]] = [200] * (SEQ + 1)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_records(data / "train.tfrecords", rows)
+    write_records(data / "val.tfrecords", rows[:1])
+    path = data / "train.tfrecords"
+    offset = scan_offsets(path)[order[16]]
+    damaged = bytearray(path.read_bytes())
+    damaged[offset + HEADER_SIZE + 1] ^= 0xFF  # its data CRC no longer matches
+    path.write_bytes(bytes(damaged))
+
+    config = in_process_config(tmp_path, data, total_steps=17, ckpt_every=100, warmup_steps=0, anneal_steps=0,
+                               seed=seed, mesh={"dp": 1, "fsdp": 1, "mp": 8}, n_heads=8,
+                               skip_step_on_spikes=True, spike_window=5, bad_records="skip")
+    train_quietly(config)
+
+    records_logged = {r["step"]: r for r in read_metrics(tmp_path / "run") if "train/loss" in r}
+    assert records_logged[15]["train/loss"] < 0.2 < 5 < records_logged[16]["train/loss"]
+    assert [records_logged[s]["train/skipped"] for s in (15, 16, 17)] == [0, 1, 1]  # step 16 was skipped
+    assert records_logged[17]["train/loss"] < records_logged[15]["train/loss"]  # training went on undisturbed
+    counts = [records_logged[s]["train/skipped_records"] for s in sorted(records_logged)]
+    assert counts == sorted(counts) and counts[-1] == 1
