@@ -40,8 +40,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (add_repo_to_path, add_run_arguments, add_shape_arguments, append_results, command_line,
-                    machine_summary, markdown_table, use_one_cpu_device)
+from common import (IdTokenizer, add_repo_to_path, add_run_arguments, add_shape_arguments, append_results,
+                    command_line, machine_summary, markdown_table, use_one_cpu_device)
 
 use_one_cpu_device()
 
@@ -59,24 +59,6 @@ from mesh_transformer.inference.text import SamplingParams, text_offsets  # noqa
 from mesh_transformer.sharding import make_mesh  # noqa: E402
 from mesh_transformer.tokenizer import TokenizersTokenizer  # noqa: E402
 from mesh_transformer.training.steps import Trainer  # noqa: E402
-
-
-@dataclass(frozen=True)
-class IdTokenizer:
-    """Every id is a real token and decodes to one character: cheap, like a real tokenizer's decode."""
-
-    vocab_size: int
-    name: str = "ids"
-    eos_token_id: int = 0
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) % self.vocab_size for c in text]
-
-    def encode_batch(self, texts):
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids) -> str:
-        return "".join(chr(32 + i % 90) for i in ids)
 
 
 # ----- the model on both sides -----

@@ -146,6 +146,25 @@ def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["dp"] * mesh.shape["fsdp"]
 
 
+def on_any_process(*flags: bool) -> list[bool]:
+    """Each flag, True on every process when it is True on any; one collective for all of them, so all
+    processes must call it.
+
+    Processes act on signals, failed saves and end-of-data together this way: one process stopping
+    alone would leave the others waiting forever in the next step's collectives.
+    """
+    if jax.process_count() == 1:
+        return list(flags)
+    from jax.experimental import multihost_utils
+
+    return [bool(x) for x in multihost_utils.process_allgather(np.asarray(flags, np.int32)).any(axis=0)]
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` on every process when it is True on any; see ``on_any_process``."""
+    return on_any_process(flag)[0]
+
+
 def fetch_to_host(tree):
     """The values of a tree of arrays as numpy, on every process. An array split across processes
     (in a multi-host run) is gathered first: jax.device_get alone can only read what is local."""

@@ -44,6 +44,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from mesh_transformer import storage
+from mesh_transformer.sharding import any_process
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +141,6 @@ def _reason(error: BaseException) -> str:
         error = error.__cause__
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
-
-
-def _failed_anywhere(failed: bool) -> bool:
-    """True on every process when ``failed`` on any: all processes must take the same branch next."""
-    if jax.process_count() == 1:
-        return failed
-    return bool(multihost_utils.process_allgather(np.asarray(failed, np.int32)).any())
 
 
 # ----- array checksums -----
@@ -419,7 +413,7 @@ class Checkpointer:
             result, error = read(), None
         except Exception as e:  # TensorStore and Orbax raise many types for unreadable files
             result, error = None, e
-        if _failed_anywhere(error is not None):
+        if any_process(error is not None):
             reason = _reason(error) if error is not None else "reading failed on another process"
             raise BadCheckpoint(self.directory, step, f"cannot read its {what}: {reason}") from None
         return result

@@ -31,7 +31,7 @@ from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFR
 from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
 from mesh_transformer.models.outputs import real_vocab_size
 from mesh_transformer.models.transformer import non_embedding_params
-from mesh_transformer.sharding import data_parallel_size, make_mesh
+from mesh_transformer.sharding import any_process, data_parallel_size, make_mesh, on_any_process
 from mesh_transformer.tokenizer import load_tokenizer
 from mesh_transformer.training.steps import StepGuard, Trainer, TrainState, all_finite
 
@@ -102,23 +102,6 @@ def _real_vocab_size(config: Config) -> int | None:
                     config.run.tokenizer, e)
         return None
     return real_vocab_size(tokenizer, config.model.n_vocab, config.source)
-
-
-def on_any_process(*flags: bool) -> list[bool]:
-    """Each flag, True on every process when it is True on any; one collective for all of them, so all
-    processes must call it.
-
-    Processes act on signals, failed saves and end-of-data together this way: one process stopping
-    alone would leave the others waiting forever in the next step's collectives.
-    """
-    if jax.process_count() == 1:
-        return list(flags)
-    return [bool(x) for x in multihost_utils.process_allgather(np.asarray(flags, np.int32)).any(axis=0)]
-
-
-def any_process(flag: bool) -> bool:
-    """``flag`` on every process when it is True on any; see ``on_any_process``."""
-    return on_any_process(flag)[0]
 
 
 def local_row_block(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
