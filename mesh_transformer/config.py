@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import types
 import typing
@@ -49,6 +50,22 @@ SUPPORTED_NORMS = ("layernorm", "rmsnorm")
 ATTENTION = ("auto", "xla", "flash")
 # TPU generations whose Pallas (Mosaic) compiler has no bfloat16 matmul: the kernel runs in float32.
 FLOAT32_KERNEL_TPUS = ("TPU v2", "TPU v3")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (the config's ``"lora"`` object, docs/lora.md): ``W x + (alpha / rank) B A dropout(x)``
+    on each targeted projection of every layer; the base weights stay frozen."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]  # peft's target_modules names for the architecture (Architecture.lora_targets)
+    dropout: float = 0.0
+    base_dtype: str | None = None  # the frozen base's storage dtype; None: param_dtype
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,9 @@ class ModelConfig:
     window_size: int = 256
     tie_embeddings: bool = False
     lm_head_bias: bool = True
+    # Adapters the model applies: set by training from Config.lora, never read from a config's model keys,
+    # so inference (on merged weights) builds the plain model from the same config.
+    lora: LoraConfig | None = None
 
     @property
     def head_dim(self) -> int:
@@ -194,6 +214,10 @@ class TrainConfig:
     spike_window: int = 100
     spike_threshold: float = 6.0
     bad_records: str = "stop"  # a damaged tfrecord record: "stop" the run, or "skip" it (logged, counted)
+    # Packed records hold several documents, each ended by EOS. true: each attends only to itself
+    # (segment ids, positions from 0 per document); false: the original's attention across them.
+    reset_attention_at_eos: bool = False
+    eos_token_id: int | None = None  # the document separator; None: the tokenizer's EOS
 
 
 @dataclass(frozen=True)
@@ -202,7 +226,8 @@ class RunConfig:
 
     model_dir: str = ""
     bucket: str = ""
-    train_set: str = ""
+    # An index file, or a mixture: index file -> weight (positive; batches draw rows in proportion).
+    train_set: str | dict[str, float] = ""
     val_set: dict[str, str] = field(default_factory=dict)
     tokenizer: str = "gpt2"
     name: str = "mesh_transformer"
@@ -230,6 +255,7 @@ class Config:
     run: RunConfig
     cores_per_replica: int = 1
     source: str = "<dict>"
+    lora: LoraConfig | None = None
 
     def mesh_request(self) -> MeshConfig:
         """The mesh asked for: the explicit ``mesh`` key, or the original's (dp=rest, mp=cores_per_replica)."""
@@ -252,12 +278,12 @@ _LEGACY_NOTES = {
 
 # Which top-level JSON key feeds which section and field.
 _SECTION_OF = {
-    **{f.name: ("model", f.name) for f in dataclasses.fields(ModelConfig)},
+    **{f.name: ("model", f.name) for f in dataclasses.fields(ModelConfig) if f.name != "lora"},
     **{f.name: ("optimizer", f.name) for f in dataclasses.fields(OptimizerConfig)},
     **{f.name: ("train", f.name) for f in dataclasses.fields(TrainConfig)},
     **{f.name: ("run", f.name) for f in dataclasses.fields(RunConfig)},
 }
-_TOP_LEVEL_KEYS = {"mesh", "cores_per_replica"}
+_TOP_LEVEL_KEYS = {"mesh", "cores_per_replica", "lora"}
 # Keys replaced by what they name before the sections are read: a base config file and a preset.
 _EXPANDED_KEYS = {"extends", "model"}
 
@@ -344,6 +370,7 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>") -> Config:
         run=_build(RunConfig, sections["run"], source),
         cores_per_replica=_checked_value(source, "cores_per_replica", raw.get("cores_per_replica", 1), int),
         source=source,
+        lora=_build_lora(raw.get("lora"), source),
     )
     validate(config)
     if named:
@@ -386,12 +413,15 @@ def _unknown_key_message(source: str, key: str) -> str:
     return f"{source}: unknown config key {key!r}.{hint} Remove it or fix its spelling."
 
 
-def _build(cls, values: dict[str, Any], source: str):
+def _build(cls, values: dict[str, Any], source: str, prefix: str = ""):
+    """``cls`` from ``values``, keyed by field name after ``prefix`` (which messages keep: "lora.rank")."""
     hints = typing.get_type_hints(cls)
-    missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and f.name not in values]
+    missing = [f.name for f in dataclasses.fields(cls) if _is_required(f) and prefix + f.name not in values]
     if missing:
-        raise ConfigError(f"{source}: missing required config key {missing[0]!r} ({_describe(hints[missing[0]])}).")
-    checked = {name: _checked_value(source, name, value, hints[name]) for name, value in values.items()}
+        raise ConfigError(f"{source}: missing required config key {prefix + missing[0]!r} "
+                          f"({_describe(hints[missing[0]])}).")
+    checked = {name[len(prefix):]: _checked_value(source, name, value, hints[name[len(prefix):]])
+               for name, value in values.items()}
     return cls(**checked)
 
 
@@ -412,6 +442,22 @@ def _build_mesh(raw_mesh: Any, source: str) -> MeshConfig | None:
     return MeshConfig(**sizes)
 
 
+def _build_lora(raw_lora: Any, source: str) -> LoraConfig | None:
+    if raw_lora is None:
+        return None
+    example = '{"rank": 16, "alpha": 32, "targets": ["q_proj", "v_proj"]}'
+    if not isinstance(raw_lora, dict):
+        raise ConfigError(f'{source}: config key "lora" must be an object like {example}.')
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(raw_lora) - names)
+    if unknown:
+        raise ConfigError(f'{source}: "lora" has unknown key {unknown[0]!r}; its keys are {", ".join(sorted(names))}.')
+    values = dict(raw_lora)
+    if isinstance(values.get("targets"), list):
+        values["targets"] = tuple(values["targets"])
+    return _build(LoraConfig, {f"lora.{k}": v for k, v in values.items()}, source, prefix="lora.")
+
+
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
@@ -425,7 +471,7 @@ def _describe(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin is dict:
-        return "an object mapping names to strings"
+        return "an object mapping names to " + {str: "strings", float: "numbers"}[typing.get_args(tp)[1]]
     if origin is tuple:
         return "a list of strings"
     return str(tp)
@@ -434,6 +480,8 @@ def _describe(tp: Any) -> str:
 def _checked_value(source: str, key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` if it matches type ``tp`` (ints accepted as floats), else raise a ConfigError."""
     if _matches(value, tp):
+        if isinstance(value, dict) and _is_optional_of(tp, dict[str, float]):
+            return {k: float(v) for k, v in value.items()}
         return float(value) if tp is float or (_is_optional_of(tp, float) and value is not None) else value
     raise ConfigError(f"{source}: config key {key!r} must be {_describe(tp)}, got {value!r} ({type(value).__name__}).")
 
@@ -453,7 +501,8 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(value is None if a is type(None) else _matches(value, a) for a in typing.get_args(tp))
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        value_type = typing.get_args(tp)[1]
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(v, value_type) for k, v in value.items())
     if origin is tuple:
         return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     raise TypeError(f"unsupported config field type {tp}")
@@ -519,6 +568,9 @@ def validate(config: Config) -> None:
                 "keep_last", "log_every", "max_consecutive_bad_steps", "spike_window", "spike_threshold"):
         _positive(src, key, getattr(t, key))
     _positive(src, "val_batches", t.val_batches, allow_zero=True)
+    if t.eos_token_id is not None and not 0 <= t.eos_token_id < m.n_vocab:
+        raise ConfigError(f"{src}: config key 'eos_token_id' ({t.eos_token_id}) must be a token id in "
+                          f"[0, n_vocab={m.n_vocab}).")
     if t.keep_every is not None:
         _positive(src, "keep_every", t.keep_every)
     for key in ("warmup_steps", "anneal_steps"):
@@ -527,6 +579,44 @@ def validate(config: Config) -> None:
     _positive(src, "weight_decay", o.weight_decay, allow_zero=True)
     _positive(src, "z_loss", o.z_loss, allow_zero=True)
     _positive(src, "cores_per_replica", config.cores_per_replica)
+    _validate_train_set(config.run.train_set, src)
+    if config.lora is not None:
+        _validate_lora(config.lora, m, src)
+
+
+def _validate_lora(lora: LoraConfig, m: ModelConfig, src: str) -> None:
+    _positive(src, "lora.rank", lora.rank)
+    _positive(src, "lora.alpha", lora.alpha)
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"{src}: config key 'lora.dropout' must be in [0, 1), got {lora.dropout}.")
+    if lora.base_dtype is not None:
+        _choice(src, "lora.base_dtype", lora.base_dtype, DTYPES)
+    architecture = architecture_of(m)
+    valid = tuple(architecture.lora_targets)
+    if not lora.targets:
+        raise ConfigError(f"{src}: config key 'lora.targets' is empty; name the projections to adapt, from: "
+                          f"{', '.join(valid)}.")
+    for target in lora.targets:
+        if target not in valid:
+            raise ConfigError(f"{src}: config key 'lora.targets' has {target!r}, which is not a projection of "
+                              f"{architecture.title} ({architecture.name}); valid targets: {', '.join(valid)}.")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"{src}: config key 'lora.targets' names a projection twice: {list(lora.targets)}.")
+
+
+def _validate_train_set(train_set: str | dict[str, float], src: str) -> None:
+    """A mixture names at least one index file, each with a positive, finite weight."""
+    if isinstance(train_set, str):
+        return
+    example = '{"pile.train.index": 0.9, "gs://bucket/code.index": 0.1}'
+    if not train_set:
+        raise ConfigError(f"{src}: config key 'train_set' is an empty object; map index files to weights, e.g. {example}.")
+    for index, weight in train_set.items():
+        if not index.strip():
+            raise ConfigError(f"{src}: config key 'train_set' has an empty index file name; e.g. {example}.")
+        if not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"{src}: config key 'train_set' gives {index!r} the weight {weight}; weights must be "
+                              "positive finite numbers (they are normalised to proportions).")
 
 
 def check_mesh_fits(config: Config, dp: int, fsdp: int, mp: int) -> None:
@@ -548,6 +638,8 @@ def to_json_dict(config: Config) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section in (config.model, config.optimizer, config.train, config.run):
         for f in dataclasses.fields(section):
+            if f.name == "lora":  # the model's copy of Config.lora, written once below
+                continue
             value = getattr(section, f.name)
             flat[f.name] = list(value) if isinstance(value, tuple) else value
     if architecture_of(config.model).problems(config.model):
@@ -557,4 +649,6 @@ def to_json_dict(config: Config) -> dict[str, Any]:
     flat["cores_per_replica"] = config.cores_per_replica
     if config.mesh is not None:
         flat["mesh"] = dataclasses.asdict(config.mesh)
+    if config.lora is not None:
+        flat["lora"] = {**dataclasses.asdict(config.lora), "targets": list(config.lora.targets)}
     return flat

@@ -58,6 +58,8 @@ ACCELERATORS: tuple[Accelerator, ...] = (
     _gpu("gh200", ("GH200",), 989e12, 96, 4000, 900),
     _gpu("h200-nvl", ("H200 NVL",), 835e12, 141, 4800, 900),
     _gpu("h200", ("H200",), 989e12, 141, 4800, 900),
+    # A 24 GiB card (GDDR6X; bf16 with float32 accumulation; no NVLink: PCIe 4.0 x16 between cards).
+    _gpu("rtx-4090", ("RTX 4090",), 165e12, 24 * GIB / GB, 1008, 32),
 )
 
 GPU_ALIASES = {"a100": "a100-40gb", "h100": "h100-80gb", "h200-141gb": "h200"}

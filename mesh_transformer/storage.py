@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import uuid
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 
 def is_local(url: str) -> bool:
@@ -50,22 +53,61 @@ def read_text(url: str) -> str:
         return f.read()
 
 
+class AtomicWriter:
+    """A file written piece by piece that appears at ``url`` whole or not at all.
+
+    Locally it is written under a temporary name next to ``url`` (``.NAME.HEX.tmp``) and renamed on
+    ``commit``. An object store publishes an object only when its upload completes, so there the
+    upload goes straight to ``url`` (no copy, which object stores do slowly) and ``abort`` cancels it.
+    """
+
+    def __init__(self, url: str):
+        self.fs, self.path = filesystem(url)
+        self._tmp = None
+        if is_local(url):
+            directory = os.path.dirname(self.path) or "."
+            os.makedirs(directory, exist_ok=True)
+            self._tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{uuid.uuid4().hex}.tmp")
+            self._file = open(self._tmp, "wb")
+        else:
+            self._file = self.fs.open(self.path, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def commit(self) -> None:
+        if self._tmp is None:
+            self._file.close()  # completes the upload
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            self._file.close()
+            os.remove(self._tmp)
+            return
+        # An upload that is never completed publishes nothing; cancelling it only frees the service's
+        # resources early, so a service that cannot cancel (the GCS emulator answers 501) is no error.
+        try:
+            self._file.discard()
+        except Exception as e:  # each backend raises its own HTTP errors
+            log.debug("could not cancel the upload of %s: %s", self.path, e)
+        # Marked closed, or garbage collection would close it, which uploads what was buffered.
+        self._file.closed = True
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` so that readers see either the old file or the complete new one."""
-    fs, path = filesystem(url)
-    if is_local(url):
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        # Object stores publish an object only when its upload completes, so one put is atomic.
-        with fs.open(path, "wb") as f:
-            f.write(data)
+    writer = AtomicWriter(url)
+    try:
+        writer.write(data)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
 
 
 def write_text_atomic(url: str, text: str) -> None:

@@ -90,6 +90,7 @@ _COMMANDS: list[tuple[tuple[str, ...], ParseFn]] = [
     (("python scripts/create_finetune_tfrecords.py", "mtj-create-tfrecords"),
      parser_built_by("mesh_transformer.cli.create_tfrecords", "build_parser")),
     (("python -m mesh_transformer.plan", "mtj-plan"), parse_args_of("mesh_transformer.cli.plan")),
+    (("python -m mesh_transformer.cli.data", "mtj-data"), parse_args_of("mesh_transformer.cli.data")),
     (("python -m mesh_transformer.cli.demo", "mtj-demo"), parsed_by_main("mesh_transformer.cli.demo")),
 ]
 PARSERS: dict[str, ParseFn] = {name: parse for names, parse in _COMMANDS for name in names}

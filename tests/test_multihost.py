@@ -2,7 +2,8 @@
 
 2 processes x 4 CPU devices on a (2, 1, 4) mesh must train exactly like 1 process x 8 devices: the
 global batch does not depend on the process count, each process reads only its share of the files,
-and checkpoints written by either layout resume on the other.
+and checkpoints written by either layout resume on the other. These runs train on a two-source
+mixture, whose guarantees are the same.
 """
 
 import json
@@ -83,13 +84,15 @@ def data_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("data")
     write_dataset(directory, "train", n_files=4, records_per_file=24, seed=0)
     write_dataset(directory, "val", n_files=2, records_per_file=8, seed=1)
+    write_dataset(directory, "extra", n_files=2, records_per_file=10, seed=2)
     return directory
 
 
 def pod_config(root: Path, data_dir: Path, **overrides) -> Path:
+    mixture = {str(data_dir / "train.index"): 2.0, str(data_dir / "extra.index"): 1.0}
     return write_config(root / "config.json", root / "run", data_dir, **{
         "mesh": {"dp": 2, "fsdp": 1, "mp": 4}, "total_steps": 6, "ckpt_every": 3, "val_every": 3,
-        "keep_last": 3, **overrides})
+        "keep_last": 3, "train_set": mixture, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,12 @@ def final_params(config_path: Path) -> dict:
     return jax.device_get(state["params"])
 
 
+def source_tokens(run_dir: Path) -> dict[int, dict[str, int]]:
+    """Each step's tokens seen per mixture source."""
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/tokens_")}
+            for r in read_metrics(run_dir) if "train/loss" in r}
+
+
 def assert_close_runs(run: Path, reference: Path, tolerance: float = 1e-5) -> None:
     losses, expected = train_losses(run / "run"), train_losses(reference / "run")
     assert losses.keys() == expected.keys()
@@ -124,6 +133,8 @@ def assert_close_runs(run: Path, reference: Path, tolerance: float = 1e-5) -> No
     val_expected = {r["step"]: r["val/loss_heldout"] for r in read_metrics(reference / "run")
                     if "val/loss_heldout" in r}
     assert val.keys() == val_expected.keys() == {3, 6}
+    tokens, tokens_expected = source_tokens(run / "run"), source_tokens(reference / "run")
+    assert tokens == tokens_expected and set(tokens[6]) == {"train/tokens_train", "train/tokens_extra"}
     np.testing.assert_allclose(list(val.values()), list(val_expected.values()), atol=tolerance, rtol=0)
     for x, y in zip(jax.tree.leaves(final_params(run / "config.json")),
                     jax.tree.leaves(final_params(reference / "config.json")), strict=True):

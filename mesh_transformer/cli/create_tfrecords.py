@@ -1,10 +1,13 @@
 """``scripts/create_finetune_tfrecords.py`` and ``mtj-create-tfrecords``: turn text documents into
 mesh-transformer-jax TFRecords.
 
-    create_finetune_tfrecords.py INPUT NAME --output-dir DIR [options]
+    create_finetune_tfrecords.py INPUT... NAME --output-dir DIR [options]
 
-INPUT is a file or a folder (searched recursively) of .txt, .xz, .jsonl, .jsonl.zst or .json.zst
-files. Writes DIR/NAME_{records}.tfrecords and, unless --no-index, DIR/NAME.index.
+Each INPUT is a file, a folder (searched recursively), a URL prefix or a glob of .txt, .xz, .jsonl,
+.jsonl.zst or .json.zst files. With one INPUT and none of the sharding options this writes
+DIR/NAME_{records}.tfrecords and, unless --no-index, DIR/NAME.index, as it always did. With several
+INPUTs or any sharding option (--sharded, --workers, --ray, --shard-size-mb, --unit-documents,
+--include-sets, --exclude-sets) it writes many shards, a manifest and the index (docs/data.md).
 """
 
 from __future__ import annotations
@@ -15,16 +18,52 @@ import sys
 
 from mesh_transformer.log import setup_logging
 from mesh_transformer.data.prepare import PrepareConfig, PrepareError, prepare_tfrecords
+from mesh_transformer.data.sharded import ShardedConfig, prepare_sharded
 from mesh_transformer.tokenizer import TokenizerError
 
 
+SHARDING_OPTIONS = ("workers", "shard_size_mb", "unit_documents", "include_sets", "exclude_sets")
+
+
+def _set_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated pile_set_name values, got {text!r}")
+    return names
+
+
+def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ShardedConfig(input_path="", name="")
+    sharding = parser.add_argument_group("sharded output (docs/data.md)")
+    sharding.add_argument("--sharded", action="store_true",
+                          help="write shards, a manifest and the index even without the options below")
+    sharding.add_argument("--workers", type=int, help="worker processes, each taking whole input files (default: 1)")
+    sharding.add_argument("--ray", action="store_true",
+                          help="run the input files as tasks on the Ray cluster of RAY_ADDRESS (else a local one)")
+    sharding.add_argument("--shard-size-mb", type=float,
+                          help=f"start a new shard once one reaches this size (default: {defaults.shard_size_mb:g})")
+    sharding.add_argument("--unit-documents", type=int,
+                          help=f"documents per work unit: the grain of resuming (default: {defaults.unit_documents})")
+    sharding.add_argument("--include-sets", type=_set_names, default=None,
+                          help="comma-separated meta.pile_set_name values to keep (default: all)")
+    sharding.add_argument("--exclude-sets", type=_set_names, default=None,
+                          help="comma-separated meta.pile_set_name values to leave out")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = PrepareConfig(input_path="", name="")
     parser = argparse.ArgumentParser(
-        description="Tokenize text documents and pack them into a TFRecord file of seq-len + 1 token records.",
+        description="Tokenize text documents and pack them into TFRecord files of seq-len + 1 token records.",
     )
-    parser.add_argument("input_path", help="a file, or a folder searched recursively")
-    parser.add_argument("name", help="output file is NAME_{number of records}.tfrecords")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="a file, a folder searched recursively, a URL prefix or a glob")
+    parser.add_argument("name", help="one file NAME_{number of records}.tfrecords, or shards NAME-*.tfrecords")
+    add_common_arguments(parser)
+    add_sharding_arguments(parser)
+    return parser
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PrepareConfig(input_path="", name="")
     parser.add_argument("--output-dir", default=defaults.output_dir, help="output folder or URL (default: .)")
 
     cleaning = parser.add_argument_group("data cleaning")
@@ -68,12 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     misc.add_argument("--no-index", action="store_true", help="do not write DIR/NAME.index")
     misc.add_argument("--verbose", action="store_true", help="log each file read and each skipped document")
-    return parser
+
+
+def wants_shards(args: argparse.Namespace) -> bool:
+    return args.sharded or args.ray or len(args.inputs) > 1 or any(
+        getattr(args, option) is not None for option in SHARDING_OPTIONS)
+
+
+def sharded_config_from_args(args: argparse.Namespace) -> ShardedConfig:
+    base = config_from_args(args)
+    chosen = {option: getattr(args, option) for option in SHARDING_OPTIONS if getattr(args, option) is not None}
+    return ShardedConfig(**vars(base), inputs=tuple(args.inputs), use_ray=args.ray, **chosen)
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     return PrepareConfig(
-        input_path=args.input_path,
+        input_path=args.inputs[0],
         name=args.name,
         output_dir=args.output_dir,
         tokenizer=args.tokenizer,
@@ -91,18 +140,25 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_prepare(parser: argparse.ArgumentParser, args: argparse.Namespace, sharded: bool) -> int:
     setup_logging()
     if args.verbose:
         # Only our own loggers: third-party debug output would bury the report of skipped documents.
         logging.getLogger("mesh_transformer").setLevel(logging.DEBUG)
     try:
-        prepare_tfrecords(config_from_args(args))
+        if sharded:
+            prepare_sharded(sharded_config_from_args(args))
+        else:
+            prepare_tfrecords(config_from_args(args))
     except (PrepareError, TokenizerError) as e:
         parser.exit(1, f"error: {e}\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_prepare(parser, args, wants_shards(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   mtj-plan --config configs/6B_roto_256.json --topology v3-256 --json
   mtj-plan --config my.json --topology v5e-16 --suggest --write-config my_v5e.json
   mtj-plan --config my.json --gpu 8xh100-80gb
+  mtj-plan --config configs/6B_lora.json --topology v2-8      # a LoRA fine-tune (docs/lora.md)
 """
 
 
@@ -68,6 +69,7 @@ def report(plan, title: str) -> str:
         f"  precision {plan.precision}",
         f"memory, {method}:                GiB",
         f"  parameters                   {_gib(m.parameters)}",
+        *([f"    of which the frozen base   {_gib(m.frozen)}"] if plan.config.lora else []),
         f"  optimizer state              {_gib(m.optimizer_state)}",
         f"  gradient accumulator         {_gib(m.gradients)}",
         f"  batch                        {_gib(m.batch)}",
@@ -75,8 +77,8 @@ def report(plan, title: str) -> str:
         f"  total                        {_gib(m.total)}",
         f"  HBM {'(as XLA counts it)' if plan.target.compiled else '(usable share)'}       {_gib(plan.hbm_bytes)}",
         f"  {verdict}",
-        f"model FLOPs per step   {e.model_flops_per_step:.3e} (6N + 12 x layers x d_model x seq per token, "
-        "as the training MFU)",
+        f"model FLOPs per step   {e.model_flops_per_step:.3e} ({'4N' if plan.config.lora else '6N'} + 12 x layers "
+        "x d_model x seq per token, as the training MFU)",
     ]
     if plan.compile_seconds is not None:
         lines.append(f"compile time           {plan.compile_seconds:.1f} s")

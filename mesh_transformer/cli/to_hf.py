@@ -1,8 +1,12 @@
 """``to_hf_weights.py`` and ``mtj-to-hf`` (also ``mtj-hf export``): export a checkpoint as a Hugging Face
-model directory (GPT-J, GPT-Neo or GPT-NeoX).
+model directory (GPT-J, GPT-Neo, GPT-NeoX or LLaMA).
 
-The architecture follows from the config (``pe: fixed`` is GPT-Neo, ``rotary_style: neox`` GPT-NeoX,
-otherwise GPT-J). The output loads with ``AutoModelForCausalLM.from_pretrained(OUTPUT_PATH)``.
+The architecture follows from the config (``architecture``, or ``pe: fixed`` for GPT-Neo, ``rotary_style:
+neox`` for GPT-NeoX, otherwise GPT-J). The output loads with ``AutoModelForCausalLM.from_pretrained(OUTPUT_PATH)``.
+
+A LoRA run (its config has "lora"; --input-ckpt is the run or one of its steps) exports as its base with
+the adapters merged in (--lora merged, the default), or as the adapters alone in peft's format
+(--lora adapter): ``peft.PeftModel.from_pretrained(base_model, OUTPUT_PATH)`` applies them to the base.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import sys
 
 from mesh_transformer.log import setup_logging
 from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.convert.hf import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES, ConversionError, export_to_hf
+from mesh_transformer.training.checkpoint import BadCheckpoint
+from mesh_transformer.convert.hf import (DEFAULT_MAX_SHARD_BYTES, LORA_EXPORTS, OUTPUT_DTYPES, ConversionError,
+                                        export_to_hf)
 
 log = logging.getLogger(__name__)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -36,8 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "mesh-transformer-jax v1 checkpoint also works")
     parser.add_argument("--config", required=True, help="the JSON config the checkpoint was trained with")
     parser.add_argument("--output-path", required=True, help="output directory (local path or URL)")
-    parser.add_argument("--dtype", default="fp16", choices=sorted(OUTPUT_DTYPES),
-                        help="dtype of the written weights (default fp16, as the original exporter)")
+    parser.add_argument("--dtype", default=None, choices=sorted(OUTPUT_DTYPES),
+                        help="dtype of the written weights (default fp16, as the original exporter; a --lora "
+                             "adapter: fp32, as peft keeps adapters)")
+    parser.add_argument("--lora", default="merged", choices=LORA_EXPORTS,
+                        help="a LoRA run: its base with the adapters merged in (default), or the adapter alone "
+                             "in peft's format")
+    parser.add_argument("--base-model", default=None,
+                        help="--lora adapter: the base_model_name_or_path written into adapter_config.json "
+                             "(default: the run's base checkpoint; e.g. a hub name or the base's HF export)")
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                         help="largest safetensors file before starting another (default 2GB)")
     parser.add_argument("--cpu", action="store_true", help="accepted for compatibility; export always runs on the host")
@@ -54,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         summary = export_to_hf(args.input_ckpt, config, args.output_path, dtype=args.dtype,
-                               max_shard_bytes=args.max_shard_size, show_progress=not args.no_progress)
-    except (ConfigError, ConversionError, FileNotFoundError) as e:
+                               max_shard_bytes=args.max_shard_size, show_progress=not args.no_progress,
+                               lora_export=args.lora, base_model=args.base_model)
+    except (ConfigError, ConversionError, BadCheckpoint, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {summary.architecture} ({summary.tensors} tensors, {summary.dtype}, "

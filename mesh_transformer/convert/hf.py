@@ -17,6 +17,9 @@ place on the devices, and saves a native step-0 checkpoint (no optimizer state u
 config usable by ``device_train.py``. While reading, host memory beyond the libraries stays near the
 model once (on a CPU the devices are host memory) plus twice the largest tensor.
 
+A LoRA run (a config with ``"lora"``) exports as its base with the adapters merged in, streamed the same
+way (``MergedParams``), or as the adapters alone in ``peft``'s format (``export_lora_adapter``).
+
     mtj-hf import --hf-path DIR_OR_HUB_NAME --output OUT_DIR   (or python -m mesh_transformer.hf import ...)
     mtj-hf export ...   (same as to_hf_weights.py)
 """
@@ -48,6 +51,7 @@ from mesh_transformer.convert.safetensors import (DEFAULT_MAX_SHARD_BYTES, INDEX
                                                   SafetensorsWeights, ShardedSafetensorsWriter, numpy_dtype,
                                                   plan_shards, write_json)
 from mesh_transformer.errors import ConversionError
+from mesh_transformer.models import lora
 from mesh_transformer.models.architecture import Architecture, Rule, refuse
 from mesh_transformer.models.registry import architecture_of, architecture_of_hf, architecture_of_hf_config
 from mesh_transformer.training.steps import Trainer
@@ -360,25 +364,62 @@ class ExportSummary:
     dtype: str
 
 
-def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str = "fp16",
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, show_progress: bool = True) -> ExportSummary:
+LORA_EXPORTS = ("merged", "adapter")
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, show_progress: bool = True,
+                 lora_export: str = "merged", base_model: str | None = None) -> ExportSummary:
     """Write ``checkpoint`` (native step_N / run dir, or legacy) as a Hugging Face model directory.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(output_dir)``; config.json is written
     last, so an interrupted export is never mistaken for a complete one.
-    """
-    from tqdm import tqdm
 
+    With ``config.lora`` the checkpoint is a LoRA run's (adapters, and a pointer to the base):
+    ``lora_export="merged"`` writes the base with the adapters merged in, a plain model;
+    ``"adapter"`` writes only the adapters in peft's format (``export_lora_adapter``). ``dtype``
+    defaults to fp16 for models (as the original exporter) and fp32 for adapters (as peft keeps them).
+    """
+    if lora_export not in LORA_EXPORTS:
+        raise ValueError(f"lora_export {lora_export!r} is not one of {', '.join(LORA_EXPORTS)}")
+    adapter = lora_export == "adapter"
+    if adapter and config.lora is None:
+        raise ConversionError(f'{config.source} has no "lora" key, so {checkpoint} holds no adapters to export; '
+                              "export the model without --lora adapter")
+    out_dtype = _output_dtype(dtype or ("fp32" if adapter else "fp16"))
+    architecture_for(config.model, config.source)  # before anything is read: HF must represent the model
+    if config.lora is None:
+        return _export_model(lambda: open_checkpoint_params(checkpoint, config), config, output_dir, out_dtype,
+                             max_shard_bytes, show_progress)
+    run = read_lora_run(checkpoint, config)
+    if adapter:
+        return export_lora_adapter(run, config, output_dir, out_dtype, base_model or run.base["path"])
+    return _export_model(lambda: MergedParams(run, config), config, output_dir, out_dtype, max_shard_bytes,
+                         show_progress)
+
+
+def _output_dtype(dtype: str) -> str:
     out_dtype = OUTPUT_DTYPES.get(dtype, dtype)
     if out_dtype not in SAFETENSORS_DTYPE_CODES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    return out_dtype
+
+
+def _export_model(open_params: Callable[[], Any], config: Config, output_dir: str, out_dtype: str,
+                  max_shard_bytes: int, show_progress: bool) -> ExportSummary:
+    """Stream the parameters of ``open_params()`` (a reader: ``where``, ``shapes``, ``read``, ``close``)
+    into a Hugging Face model directory."""
+    from tqdm import tqdm
+
     model = config.model
     arch = architecture_for(model, config.source)
     tokenizer = _load_tokenizer_or_none(config.run.tokenizer)
     hf_config = config_to_hf(model, tokenizer, config.source, dtype=out_dtype)
     expected = expected_param_shapes(model)
     storage.makedirs(output_dir)
-    params = open_checkpoint_params(checkpoint, config)
+    params = open_params()
     try:
         check_param_shapes(params.shapes(), expected, params.where, config)
         plan = tensor_plan(arch, model, expected)
@@ -395,6 +436,132 @@ def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str = 
     log.info("wrote %s: %s, %d tensors in %d file(s), %.1f MB %s", output_dir, arch.hf_class, len(plan),
              len(writer.files), total / 1e6, out_dtype)
     return ExportSummary(output_dir, arch.hf_class, writer.files, len(plan), total, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA runs: merged weights, or the adapters in peft's format.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraRun:
+    """One step of a LoRA run: its adapters (numpy, our tree) and the pointer to its frozen base."""
+
+    where: str
+    adapters: dict
+    base: dict[str, Any]
+
+
+def read_lora_run(checkpoint: str, config: Config) -> LoraRun:
+    """The adapters of a LoRA run's checkpoint (a run directory: its newest step, or a step_N directory)
+    and its ``lora_base`` pointer; ConversionError when the checkpoint is not a LoRA run's."""
+    import flax.linen as nn
+
+    from mesh_transformer.inference.weights import LORA_BASE, find_checkpoint
+    from mesh_transformer.models.transformer import abstract_adapters
+    from mesh_transformer.training.checkpoint import Checkpointer
+
+    found = find_checkpoint(checkpoint)
+    where = storage.join(found.path, f"step_{found.step}") if not found.legacy else found.path
+    if found.legacy:
+        raise ConversionError(f'{where} is a mesh-transformer-jax checkpoint, but {config.source} has "lora": '
+                              "a LoRA run's checkpoints are native; drop \"lora\" from the config to export it")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with Checkpointer(found.path, async_save=False) as checkpoints:
+        # The step alone first: its metadata tells a LoRA run's checkpoint before any adapter is read.
+        _, meta = checkpoints.restore({"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=device)}, found.step,
+                                      restore_keys=("step",))
+        if LORA_BASE not in meta:
+            raise ConversionError(f'{where} has no {LORA_BASE!r} metadata naming a base model, so it is not a LoRA '
+                                  f'run\'s checkpoint, but {config.source} has "lora"; export it with a config '
+                                  'without "lora"')
+        target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                              nn.unbox(abstract_adapters(lora.adapted_model(config))))
+        try:
+            restored, _ = checkpoints.restore({"params": target}, found.step, restore_keys=("params",))
+        except ValueError as e:  # BadCheckpoint too: its message names the step and the array
+            raise ConversionError(f'{where}: cannot read the adapters that "lora" in {config.source} describes: '
+                                  f"{e}") from None
+    log.info("LoRA adapters of %s, on the base %s (step %s)", where, meta[LORA_BASE]["path"], meta[LORA_BASE]["step"])
+    return LoraRun(where, jax.tree.map(np.asarray, restored["params"]), meta[LORA_BASE])
+
+
+def _open_lora_base(pointer: dict[str, Any], config: Config):
+    """A reader of the base a LoRA run points to, exactly the step it trained on."""
+    path, step = pointer["path"], pointer["step"]
+    stored = path if pointer["legacy"] else storage.join(path, f"step_{step}")
+    if not storage.exists(stored):
+        raise ConversionError(f"the LoRA run's base model {stored}, named by its checkpoint's metadata, does not "
+                              "exist; the base must stay where it was when the run started")
+    if pointer["legacy"]:
+        base_config = config.replace(lora=None)
+        return InMemoryParams(legacy.read_legacy_params(path, base_config), f"legacy checkpoint {path}")
+    return CheckpointParams(path, step)
+
+
+class MergedParams:
+    """A LoRA run's model as plain parameters, one at a time: the base's parameter (rounded to
+    ``lora.base_dtype``, as training held it) plus, for a targeted kernel, ``scaling * A @ B`` in float32.
+
+    Host memory stays near the streaming export's: a targeted kernel is held as read and as its float32
+    sum, and the delta is made one layer at a time (a fused q/k/v target's is three kernels wide)."""
+
+    def __init__(self, run: LoraRun, config: Config):
+        self.adapted = lora.adapted_model(config)
+        self.adapters = run.adapters
+        self.base_dtype = config.lora.base_dtype
+        rules = lora.target_rules(self.adapted)
+        self.targets = {path: name for name, rule in rules.items() for path in rule.ours}
+        self.base = _open_lora_base(run.base, config)
+        self.where = f"{self.base.where} (the base of {run.where})"
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.base.shapes()
+
+    def read(self, path: str) -> np.ndarray:
+        value = self.base.read(path)
+        if self.base_dtype is not None:
+            value = value.astype(numpy_dtype(self.base_dtype))
+        name = self.targets.get(path)
+        if name is None:
+            return value
+        adapter = self._adapter(name)
+        merged = value.astype(np.float32)  # a copy: arrays read from a checkpoint are read-only
+        for i in range(merged.shape[0]):
+            layer = {key: factor[i:i + 1] for key, factor in adapter.items()}
+            merged[i] += lora.kernel_deltas(self.adapted, name, layer, xp=np)[path][0]
+        return merged
+
+    def _adapter(self, name: str) -> dict[str, np.ndarray]:
+        tree = self.adapters
+        for key in lora.adapter_path(name, lora.target_rules(self.adapted)[name]).split("/"):
+            tree = tree[key]
+        return tree
+
+    def close(self) -> None:
+        self.base.close()
+
+
+def export_lora_adapter(run: LoraRun, config: Config, output_dir: str, out_dtype: str,
+                        base_model: str) -> ExportSummary:
+    """``adapter_config.json`` and ``adapter_model.safetensors`` as peft writes them: loaded onto the
+    exported base with ``peft.PeftModel.from_pretrained(base, output_dir)``.
+
+    fp32 is the default dtype: peft computes LoRA in float32 even on a float16 / bfloat16 base (it
+    upcasts adapter weights on loading), and saves them so; the file is small either way."""
+    arch = architecture_for(config.model, config.source)
+    adapted = lora.adapted_model(config)
+    tensors = lora.peft_tensors(adapted, run.adapters)
+    plan = [(name, array.shape) for name, array in tensors.items()]
+    storage.makedirs(output_dir)
+    with ShardedSafetensorsWriter(output_dir, [plan], out_dtype, files=[ADAPTER_WEIGHTS_FILE]) as writer:
+        for name, array in tensors.items():
+            writer.write(name, array)
+    write_json(storage.join(output_dir, ADAPTER_CONFIG_FILE), lora.peft_config(adapted, base_model))
+    total = sum(math.prod(shape) for _, shape in plan) * numpy_dtype(out_dtype).itemsize
+    log.info("wrote %s: the LoRA adapter of %s for %s, %d tensors, %.1f MB %s", output_dir, run.where, arch.hf_class,
+             len(plan), total / 1e6, out_dtype)
+    return ExportSummary(output_dir, f"a peft LoRA adapter for {arch.hf_class}", writer.files, len(plan), total,
+                         out_dtype)
 
 
 def _write_hf_metadata(output_dir: str, config: Config, arch: Architecture, hf_config, tokenizer) -> None:

@@ -67,15 +67,17 @@ def safetensors_header(entries: list[tuple[str, tuple]], dtype: str) -> bytes:
 
 
 class ShardedSafetensorsWriter:
-    """Writes the planned tensors, in plan order, into ``model*.safetensors`` under ``output_dir``.
+    """Writes the planned tensors, in plan order, into ``model*.safetensors`` under ``output_dir``
+    (or into ``files``, one name per shard: a peft adapter is ``adapter_model.safetensors``).
 
     Only one tensor is held at a time: each file's header is written first (offsets are known from
     the plan), then tensors are appended as they arrive.
     """
 
-    def __init__(self, output_dir: str, shards: list[list[tuple[str, tuple]]], dtype: str):
+    def __init__(self, output_dir: str, shards: list[list[tuple[str, tuple]]], dtype: str,
+                 files: list[str] | None = None):
         self.output_dir, self.shards, self.dtype = output_dir, shards, dtype
-        self.files = shard_file_names(len(shards))
+        self.files = files or shard_file_names(len(shards))
         self._queue = [(shard, name, shape) for shard, entries in enumerate(shards) for name, shape in entries]
         self._position = 0
         self._open_shard: int | None = None

@@ -29,6 +29,7 @@ stay exact and a resumed loader skips the same records.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from mesh_transformer.data.tfrecord import (
     TFRecordError,
     decode_int64_features,
     read_record_at,
+    record_data,
     scan_record_offsets,
 )
 
@@ -63,10 +65,17 @@ BAD_RECORD_POLICIES = ("stop", "skip")
 _FILE_ORDER_STREAM = 0
 _RECORD_ORDER_STREAM = 1
 _STOP_POLL_S = 0.1
-# Block sizes for remote files: headers are scanned sequentially, so large blocks mean few requests;
-# records are then read in shuffled order, so small blocks waste little.
+# Headers are scanned sequentially, in large blocks: few requests. Records are then read in shuffled
+# order, each as one byte range, this many at a time: object stores serve the ranges of a group
+# concurrently, so a stream waits for one round trip per group rather than one per record.
 _SCAN_BLOCK_BYTES = 16 << 20
 _READ_BLOCK_BYTES = 256 << 10
+_RECORDS_PER_FETCH = 64
+# Requests of a group in flight at once. More bought nothing against the GCS emulator and, from 8 on,
+# stalled it (connections refused, 1 s retries: 64 ranges took 1-4 s instead of 24 ms). At GCS's
+# ~40 ms a request, 4 in flight still fetch ~100 records (200k tokens) a second per stream, 40x what a
+# v3-256 host of a GPT-J-6B run consumes (an estimate, not a measurement).
+_FETCH_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -164,25 +173,21 @@ class _Failed:
     error: BaseException
 
 
-class TFRecordLoader:
-    """Batches of fixed-length token sequences, prefetched by a background thread.
+class RecordStreams:
+    """The records of one index file read as ``streams`` streams (see the module doc), parsed and checked.
 
-    ``batch_shape`` is this loader's shape; its last axis holds rows and is split evenly between the
-    streams in ``stream_range`` (default: all ``streams``), in order; leading axes (micro-batches)
-    are filled one after the other. See the module doc for which records each stream reads.
+    ``records(stream)`` yields that stream's records from its start position (``state``, default the
+    beginning), each with the position after it; batching is the caller's business.
     """
 
     def __init__(
         self,
         index_url: str,
         seq_len_plus_one: int,
-        batch_shape: tuple[int, ...],
         seed: int = 0,
         shuffle: bool = True,
         loop: bool = True,
         streams: int = 1,
-        stream_range: tuple[int, int] | None = None,
-        prefetch: int = 4,
         state: LoaderState | None = None,
         n_vocab: int | None = None,
         real_vocab: int | None = None,
@@ -191,32 +196,18 @@ class TFRecordLoader:
         self.index_url = index_url
         self.files = read_index(index_url)
         self.seq_len_plus_one = seq_len_plus_one
-        self.batch_shape = tuple(batch_shape)
         self.seed = seed
         self.shuffle = shuffle
         self.loop = loop
         self.streams = streams
-        self.stream_range = tuple(stream_range) if stream_range is not None else (0, streams)
         self.n_vocab, self.real_vocab, self.bad_records = n_vocab, real_vocab, bad_records
-        self._validate(prefetch)
-        # Written by the producer thread only: damaged records passed over, files already warned about.
+        self._validate()
+        # Written by the reading thread only: damaged records passed over, files already warned about.
         self.skipped_records = 0
         self._padding_reported: set[int] = set()
         self.parts_per_file = math.ceil(streams / len(self.files))
-        # The producer thread reads only _start; _positions follows the batches handed out.
-        self._start = self._initial_positions(state or LoaderState())
-        self._positions = dict(self._start)
-        self._offsets: dict[int, np.ndarray] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
-        self._done = False
-        self._thread = threading.Thread(target=self._produce, name="tfrecord-prefetch", daemon=True)
-        self._thread.start()
-
-    @property
-    def own_streams(self) -> range:
-        """The streams this loader reads."""
-        return range(*self.stream_range)
+        self.start = self._initial_positions(state or LoaderState())
+        self._extents: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def _parts_per_epoch(self) -> int:
@@ -224,27 +215,15 @@ class TFRecordLoader:
 
     # -- configuration checks ------------------------------------------------------------------
 
-    def _validate(self, prefetch: int) -> None:
+    def _validate(self) -> None:
         if self.seq_len_plus_one < 2:
             raise ValueError(f"seq_len_plus_one must be at least 2, got {self.seq_len_plus_one}")
-        if not self.batch_shape or any(int(n) < 1 for n in self.batch_shape):
-            raise ValueError(f"batch_shape must be a non-empty tuple of positive ints, got {self.batch_shape}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative, got {self.seed}")
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         if self.bad_records not in BAD_RECORD_POLICIES:
             raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got {self.bad_records!r}")
         if self.streams < 1:
             raise ValueError(f"streams must be at least 1, got {self.streams}")
-        first, stop = self.stream_range
-        if not 0 <= first < stop <= self.streams:
-            raise ValueError(f"stream_range {self.stream_range} is not a non-empty range within [0, {self.streams})")
-        if self.batch_shape[-1] % (stop - first):
-            raise ValueError(
-                f"the last axis of batch_shape {self.batch_shape} must split evenly between the "
-                f"{stop - first} streams this loader reads"
-            )
 
     def _initial_positions(self, state: LoaderState) -> dict[int, StreamPosition]:
         if not state.streams:
@@ -302,11 +281,24 @@ class TFRecordLoader:
         except FileNotFoundError:
             raise FileNotFoundError(f"tfrecord file {url!r} listed in {self.index_url!r} not found") from None
 
-    def _record_offsets(self, file_id: int) -> np.ndarray:
-        if file_id not in self._offsets:
+    def _record_extents(self, file_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where each record of the file starts, and where the byte range holding it ends: the next
+        record's start (or the file's end), which is past the record's own end only after damage."""
+        if file_id not in self._extents:
             with self._open(file_id, _SCAN_BLOCK_BYTES) as f:
-                self._offsets[file_id] = scan_record_offsets(f, self.files[file_id], self._on_damage)
-        return self._offsets[file_id]
+                offsets = scan_record_offsets(f, self.files[file_id], self._on_damage)
+                self._extents[file_id] = offsets, np.append(offsets[1:], f.seek(0, 2)).astype(np.int64)
+        return self._extents[file_id]
+
+    def _fetch(self, file_id: int, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+        """The byte ranges [starts[i], ends[i]) of the file, requested together."""
+        url = self.files[file_id]
+        fs, path = storage.filesystem(url)
+        try:
+            return fs.cat_ranges([path] * len(starts), starts.tolist(), ends.tolist(), on_error="raise",
+                                 batch_size=_FETCH_CONCURRENCY)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tfrecord file {url!r} listed in {self.index_url!r} not found") from None
 
     @property
     def _on_damage(self):
@@ -317,10 +309,11 @@ class TFRecordLoader:
         self.skipped_records += 1
         logger.warning("skipping a damaged record (bad_records: skip; %d so far): %s", self.skipped_records, error)
 
-    def _read_record(self, f: BinaryIO, file_id: int, offset: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Tokens and mask of the record at ``offset``; None for a damaged record that is skipped."""
+    def _read_record(self, framed: bytes, file_id: int, offset: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Tokens and mask of the record read from ``offset`` (``framed`` starts with its header); None for
+        a damaged record that is skipped."""
         try:
-            return self._parse(read_record_at(f, offset, self.files[file_id]), file_id, offset)
+            return self._parse(record_data(framed, offset, self.files[file_id]), file_id, offset)
         except CorruptRecordError as error:
             if self._on_damage is None:
                 raise
@@ -375,23 +368,24 @@ class TFRecordLoader:
 
     def _part_records(self, epoch: int, part: int, start: int) -> Iterator[_Record]:
         file_id = int(self._file_order(epoch)[part // self.parts_per_file])
-        offsets = self._record_offsets(file_id)
+        offsets, ends = self._record_extents(file_id)
         order = self._record_order(epoch, file_id, len(offsets))[part % self.parts_per_file :: self.parts_per_file]
         if start > len(order):
             raise DataError(
                 f"loader position record {start} is past the {len(order)} records of part {part} "
                 f"({self.files[file_id]!r}); was the file changed since the checkpoint?"
             )
-        if start == len(order):
-            return
-        with self._open(file_id, _READ_BLOCK_BYTES) as f:
-            for index in range(start, len(order)):
-                parsed = self._read_record(f, file_id, int(offsets[order[index]]))
+        for first in range(start, len(order), _RECORDS_PER_FETCH):
+            chosen = order[first : first + _RECORDS_PER_FETCH]
+            for index, record, framed in zip(itertools.count(first), chosen,
+                                             self._fetch(file_id, offsets[chosen], ends[chosen])):
+                parsed = self._read_record(framed, file_id, int(offsets[record]))
                 if parsed is not None:
                     yield _Record(*parsed, self._position_after(epoch, part, index + 1, len(order)))
 
-    def _stream_records(self, stream: int) -> Iterator[_Record]:
-        start = self._start[stream]
+    def records(self, stream: int) -> Iterator[_Record]:
+        """Stream ``stream``'s records from its start position on; without ``loop``, to the epoch's end."""
+        start = self.start[stream]
         epoch, first_part, record = start.epoch, start.part, start.record
         while True:
             read_any = False
@@ -409,14 +403,173 @@ class TFRecordLoader:
                 )
             epoch, first_part, record = epoch + 1, stream, 0
 
-    # -- batching and prefetch -----------------------------------------------------------------
+    def check_first_record(self) -> None:
+        """Parse the first record of the first listed file now, so that data of another sequence length
+        (or with invalid ids) fails when the loader is made rather than when this data is first drawn."""
+        with self._open(0, _READ_BLOCK_BYTES) as f:
+            try:
+                data = read_record_at(f, 0, self.files[0])
+            except TFRecordError:  # an empty or damaged file: reading handles it (bad_records)
+                return
+        try:
+            self._parse(data, 0, 0)
+        except CorruptRecordError:
+            return
+
+
+def check_batching(batch_shape: tuple[int, ...], streams: int, stream_range: tuple[int, int], prefetch: int) -> None:
+    """The checks of a loader's batch layout: rows split evenly between the streams it reads."""
+    if not batch_shape or any(int(n) < 1 for n in batch_shape):
+        raise ValueError(f"batch_shape must be a non-empty tuple of positive ints, got {batch_shape}")
+    if prefetch < 1:
+        raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+    first, stop = stream_range
+    if not 0 <= first < stop <= streams:
+        raise ValueError(f"stream_range {stream_range} is not a non-empty range within [0, {streams})")
+    if batch_shape[-1] % (stop - first):
+        raise ValueError(
+            f"the last axis of batch_shape {batch_shape} must split evenly between the "
+            f"{stop - first} streams this loader reads"
+        )
+
+
+class PrefetchingLoader:
+    """Batches made by ``_batches`` in a background thread and handed out in order by ``__next__``.
+
+    ``_batches`` yields (batch, progress) pairs; ``_handed_out(progress)`` runs in the consumer's thread
+    when that batch is returned, so a loader's state follows the batches handed out, not those prefetched.
+    """
+
+    def __init__(self, prefetch: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, name="tfrecord-prefetch", daemon=True)
+
+    def _batches(self) -> Iterator[tuple[Batch, object]]:
+        raise NotImplementedError
+
+    def _handed_out(self, progress: object) -> None:
+        raise NotImplementedError
+
+    def _start_prefetch(self) -> None:
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        """Queue ``item`` unless the loader is closed first; False when closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_STOP_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for item in self._batches():
+                if not self._put(item):
+                    return
+            self._put(_Finished())
+        except Exception as e:  # handed to the consumer, which re-raises it
+            self._put(_Failed(e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self._stop.is_set():
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if isinstance(item, _Finished):
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failed):
+            self._done = True
+            raise item.error
+        batch, progress = item
+        self._handed_out(progress)
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        # Empty the queue so a producer blocked on a full queue sees the stop flag.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            logger.warning("tfrecord prefetch thread did not stop within 10 s (blocked on I/O?)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class TFRecordLoader(PrefetchingLoader):
+    """Batches of fixed-length token sequences from one index file, prefetched by a background thread.
+
+    ``batch_shape`` is this loader's shape; its last axis holds rows and is split evenly between the
+    streams in ``stream_range`` (default: all ``streams``), in order; leading axes (micro-batches)
+    are filled one after the other. See the module doc for which records each stream reads.
+    """
+
+    def __init__(
+        self,
+        index_url: str,
+        seq_len_plus_one: int,
+        batch_shape: tuple[int, ...],
+        seed: int = 0,
+        shuffle: bool = True,
+        loop: bool = True,
+        streams: int = 1,
+        stream_range: tuple[int, int] | None = None,
+        prefetch: int = 4,
+        state: LoaderState | None = None,
+        n_vocab: int | None = None,
+        real_vocab: int | None = None,
+        bad_records: str = "stop",
+    ):
+        self.batch_shape = tuple(batch_shape)
+        self.stream_range = tuple(stream_range) if stream_range is not None else (0, streams)
+        self._reader = RecordStreams(index_url, seq_len_plus_one, seed=seed, shuffle=shuffle, loop=loop,
+                                     streams=streams, state=state, n_vocab=n_vocab, real_vocab=real_vocab,
+                                     bad_records=bad_records)
+        check_batching(self.batch_shape, streams, self.stream_range, prefetch)
+        self.index_url, self.files, self.streams = index_url, self._reader.files, streams
+        self.seq_len_plus_one, self.seed, self.shuffle, self.loop = seq_len_plus_one, seed, shuffle, loop
+        # Follows the batches handed out; the reading thread starts from the reader's start positions.
+        self._positions = dict(self._reader.start)
+        super().__init__(prefetch)
+        self._start_prefetch()
+
+    @property
+    def own_streams(self) -> range:
+        """The streams this loader reads."""
+        return range(*self.stream_range)
+
+    @property
+    def parts_per_file(self) -> int:
+        return self._reader.parts_per_file
+
+    @property
+    def skipped_records(self) -> int:
+        """Damaged records passed over so far (counted when read, so prefetched batches included)."""
+        return self._reader.skipped_records
 
     def _batches(self) -> Iterator[tuple[Batch, dict[int, StreamPosition]]]:
         shape = (*self.batch_shape, self.seq_len_plus_one)
         chunks = math.prod(self.batch_shape[:-1])
         per_stream = self.batch_shape[-1] // len(self.own_streams)
-        sources = {s: self._stream_records(s) for s in self.own_streams}
-        positions = {s: self._start[s] for s in self.own_streams}
+        sources = {s: self._reader.records(s) for s in self.own_streams}
+        positions = {s: self._reader.start[s] for s in self.own_streams}
         while True:
             tokens = np.empty((chunks, self.batch_shape[-1], self.seq_len_plus_one), np.int32)
             mask = np.empty(tokens.shape, np.float32)
@@ -442,45 +595,8 @@ class TFRecordLoader:
                 filled, self.index_url, math.prod(self.batch_shape),
             )
 
-    def _put(self, item: object) -> bool:
-        """Queue ``item`` unless the loader is closed first; False when closed."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_STOP_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for item in self._batches():
-                if not self._put(item):
-                    return
-            self._put(_Finished())
-        except Exception as e:  # handed to the consumer, which re-raises it
-            self._put(_Failed(e))
-
-    # -- public interface ----------------------------------------------------------------------
-
-    def __iter__(self) -> "TFRecordLoader":
-        return self
-
-    def __next__(self) -> Batch:
-        if self._stop.is_set():
-            raise RuntimeError("TFRecordLoader is closed")
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
-        if isinstance(item, _Finished):
-            self._done = True
-            raise StopIteration
-        if isinstance(item, _Failed):
-            self._done = True
-            raise item.error
-        batch, positions = item
+    def _handed_out(self, positions: dict[int, StreamPosition]) -> None:
         self._positions.update(positions)
-        return batch
 
     def state(self) -> LoaderState:
         """Positions after the last batch returned by ``__next__`` (prefetched batches excluded).
@@ -488,21 +604,3 @@ class TFRecordLoader:
         Streams this loader does not read keep the positions it was created with.
         """
         return LoaderState(tuple(self._positions[s] for s in range(self.streams)))
-
-    def close(self) -> None:
-        self._stop.set()
-        # Empty the queue so a producer blocked on a full queue sees the stop flag.
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._thread.join(timeout=10)
-        if self._thread.is_alive():
-            logger.warning("tfrecord prefetch thread did not stop within 10 s (blocked on I/O?)")
-
-    def __enter__(self) -> "TFRecordLoader":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()

@@ -183,16 +183,27 @@ def _json_document(value: object, url: str, line_number: int) -> str:
     return text
 
 
-def _json_array_documents(text: str, url: str) -> Iterator[str]:
+def _pile_set_name(value: object) -> str | None:
+    """``meta.pile_set_name`` of a Pile-format line, when it has one."""
+    meta = value.get("meta") if isinstance(value, dict) else None
+    name = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _json_entry(value: object, url: str, line_number: int) -> tuple[str, str | None]:
+    return _json_document(value, url, line_number), _pile_set_name(value)
+
+
+def _json_array_documents(text: str, url: str) -> Iterator[tuple[str, str | None]]:
     try:
         values = json.loads(text)
     except json.JSONDecodeError as e:
         raise PrepareError(f"{url}: invalid JSON array: {e}") from None
-    return (_json_document(value, url, 1) for value in values)
+    return (_json_entry(value, url, 1) for value in values)
 
 
-def _json_documents(stream: TextIO, url: str) -> Iterator[str]:
-    """Documents of JSON lines, or of one JSON array (lm_dataformat's .json.zst, read whole)."""
+def _json_documents(stream: TextIO, url: str) -> Iterator[tuple[str, str | None]]:
+    """(text, pile_set_name) of JSON lines, or of one JSON array (lm_dataformat's .json.zst, read whole)."""
     first_content = True
     for line_number, line in enumerate(stream, start=1):
         if not line.strip():
@@ -205,7 +216,7 @@ def _json_documents(stream: TextIO, url: str) -> Iterator[str]:
             value = json.loads(line)
         except json.JSONDecodeError as e:
             raise PrepareError(f"{url}, line {line_number}: invalid JSON: {e}") from None
-        yield _json_document(value, url, line_number)
+        yield _json_entry(value, url, line_number)
 
 
 def iter_documents(url: str, split_on_eot: bool = True) -> Iterator[str]:
@@ -215,16 +226,24 @@ def iter_documents(url: str, split_on_eot: bool = True) -> Iterator[str]:
     unless ``split_on_eot`` is False. Text is read in chunks, so memory is bounded by the largest
     document rather than the file.
     """
+    return (text for text, _ in iter_documents_with_sets(url, split_on_eot))
+
+
+def iter_documents_with_sets(url: str, split_on_eot: bool = True) -> Iterator[tuple[str, str | None]]:
+    """(text, pile_set_name or None) of each document of one input file; see ``iter_documents``.
+
+    The pieces a JSON document is split into on "<|endoftext|>" keep its set name."""
     compression, kind = input_format(url)
     try:
         with _open_text(url, compression) as stream:
             if kind == "json":
-                for document in _json_documents(stream, url):
-                    yield from (_split_stream([document], EOT_TEXT) if split_on_eot else [document])
+                for document, set_name in _json_documents(stream, url):
+                    pieces = _split_stream([document], EOT_TEXT) if split_on_eot else [document]
+                    yield from ((piece, set_name) for piece in pieces)
             elif split_on_eot:
-                yield from _split_stream(_read_chunks(stream), EOT_TEXT)
+                yield from ((text, None) for text in _split_stream(_read_chunks(stream), EOT_TEXT))
             else:
-                yield stream.read()
+                yield stream.read(), None
     except UnicodeDecodeError as e:
         raise PrepareError(f"{url}: not valid UTF-8 text ({e})") from None
     except (lzma.LZMAError, zstandard.ZstdError, EOFError) as e:

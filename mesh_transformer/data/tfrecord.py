@@ -11,6 +11,7 @@ mesh-transformer-jax data format uses: feature "text" holds the token ids of one
 from __future__ import annotations
 
 import contextlib
+import io
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import BinaryIO
@@ -395,6 +396,16 @@ def _next_valid_header(f: BinaryIO, start: int, file_size: int) -> int:
                 return window_start + i
         window_start += _RESYNC_WINDOW_BYTES
     return file_size
+
+
+def record_data(framed: bytes, offset: int, name: str) -> bytes:
+    """The data of the record that ``framed`` starts with (bytes read from ``offset`` of ``name`` on;
+    more may follow the record), CRCs verified."""
+    f = io.BytesIO(framed)
+    length = _read_length(f, name, offset)
+    if length is None:
+        raise TFRecordError(f"{name}: no record at byte offset {offset}: end of file")
+    return _read_data(f, name, offset, length)
 
 
 def read_record_at(f: BinaryIO, offset: int, name: str) -> bytes:

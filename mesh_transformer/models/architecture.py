@@ -207,6 +207,14 @@ class Architecture:
     def rules(self, m: ModelConfig) -> list[Rule]:
         return [r for r in self.table if r.when(m)]
 
+    @property
+    def lora_targets(self) -> dict[str, Rule]:
+        """The layer projections LoRA can adapt, by ``peft``'s ``target_modules`` name (the last part
+        of the Hugging Face module name: ``q_proj``, ``query_key_value``, ``c_fc``...), each with the
+        table row of its weight. A row of several of our kernels (GPT-NeoX's fused q/k/v) is one target."""
+        return {r.hf.split(".")[-2]: r for r in self.table
+                if r.per_layer and r.hf.endswith(".weight") and all(o.endswith("/kernel") for o in r.ours)}
+
     def problems(self, m: ModelConfig) -> list[str]:
         """Why ``m`` is not exactly this architecture (so Hugging Face could not represent it), one sentence each."""
         fixed = [problem for f in self.fixed if (problem := f.problem(m)) is not None]

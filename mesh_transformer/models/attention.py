@@ -13,8 +13,9 @@ config's ``attention`` resolved to (``config.resolve_attention``):
 
 None of the kernels writes the score matrix out. Rotary embeddings are applied to q and k before
 any of them; causal masking, GPT-Neo's local windows and grouped-query attention are handled by
-every kernel. Right-padded batches need no mask of their own: under a causal mask no real token
-sees the padding after it. On a mesh the kernels run per shard (``jax.shard_map``): batch split
+every kernel, and so are packed documents kept apart by segment ids (splash takes them; cuDNN's
+call does not, so that case runs the XLA path). Right-padded batches need no mask of their own:
+under a causal mask no real token sees the padding after it. On a mesh the kernels run per shard (``jax.shard_map``): batch split
 over dp/fsdp, heads over mp, as the logical-axis table says.
 """
 
@@ -79,34 +80,46 @@ def _stacked_mask(mask: jax.Array, group: int) -> jax.Array:
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, window: jax.Array,
-                   scale: float | None, kernel: str, local_window: int | None) -> jax.Array:
+                   scale: float | None, kernel: str, local_window: int | None,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
     """A sequence attending causally to itself: q (batch, length, heads, head_dim), k and v
     (batch, length, kv_heads, head_dim), token ``positions`` (batch, length).
 
     ``window`` is this layer's window (``GLOBAL_WINDOW`` for global layers; a traced value, since the
     layers are scanned); ``local_window`` is the model's local window size when it has local layers.
-    The fused kernels take index distances for position distances, true of every caller (positions
-    0, 1, 2... of each row).
+    The fused kernels take index distances for position distances, true of every caller within a
+    document (positions 0, 1, 2... of each row, or of each document when they restart).
+
+    ``segment_ids`` (batch, length), when given, says which document of a packed row each token
+    belongs to: a token attends only to earlier tokens of its own document.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    fused = _fused_kernel(kernel, q.shape[1], q.shape[-1])
+    fused = _fused_kernel(kernel, q.shape[1], q.shape[-1], segmented=segment_ids is not None)
     if fused is None:
         mask = attention_mask(positions, positions, window) if local_window else jnp.tril(
             jnp.ones((q.shape[1], q.shape[1]), bool))
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
         return attend(q, k, v, mask, scale)
+
+    def run(local: int | None) -> jax.Array:
+        return _per_shard(functools.partial(fused, scale=scale, local_window=local), q, k, v, segment_ids)
+
     if not local_window:
-        return _per_shard(functools.partial(fused, scale=scale, local_window=None), q, k, v)
+        return run(None)
     # Local and global layers alternate inside one scan, so which mask a layer takes is a traced choice.
-    return jax.lax.cond(window < GLOBAL_WINDOW,
-                        lambda: _per_shard(functools.partial(fused, scale=scale, local_window=local_window), q, k, v),
-                        lambda: _per_shard(functools.partial(fused, scale=scale, local_window=None), q, k, v))
+    return jax.lax.cond(window < GLOBAL_WINDOW, lambda: run(local_window), lambda: run(None))
 
 
-def _fused_kernel(kernel: str, length: int, head_dim: int):
+def _fused_kernel(kernel: str, length: int, head_dim: int, segmented: bool = False):
     """The per-shard function of a fused kernel, or None where the XLA path runs instead."""
     if kernel == "xla":
         return None
     if kernel == "cudnn":
+        if segmented:
+            # jax.nn.dot_product_attention takes no segment ids; its mask argument is a dense matrix.
+            _note_fallback(kernel, length, "documents are separated by segment ids, which it does not take")
+            return None
         limit = _cudnn_head_dim_limit()
         if head_dim % 8 or head_dim > limit:
             _note_fallback(kernel, length, f"head_dim {head_dim} is not a multiple of 8 up to {limit}")
@@ -132,20 +145,22 @@ def _cudnn_head_dim_limit() -> int:
     return 256 if float(capability) >= 9.0 else 128
 
 
-def _per_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """``fn(q, k, v)`` run on each device's shard (batch over dp/fsdp, heads over mp), or directly
-    outside a mesh context. Kernels are custom calls XLA cannot split itself."""
+def _per_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """``fn(q, k, v, segment_ids)`` run on each device's shard (batch over dp/fsdp, heads over mp), or
+    directly outside a mesh context. Kernels are custom calls XLA cannot split itself."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return fn(q, k, v)
+        return fn(q, k, v, segment_ids)
     names = ("batch", "length", "act_heads", "head_dim")
     # Key/value heads divide mp (config.check_mesh_fits), so each shard holds whole query groups.
     q_spec, kv_spec = divisible_spec(q.shape, names, mesh), divisible_spec(k.shape, names, mesh)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(q, k, v)
+    segment_spec = None if segment_ids is None else divisible_spec(segment_ids.shape, names[:2], mesh)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, segment_ids)
 
 
-def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, local_window: int | None, block: int,
-            interpret: bool, float32: bool) -> jax.Array:
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *, scale: float,
+            local_window: int | None, block: int, interpret: bool, float32: bool) -> jax.Array:
     """The splash kernel on one shard. It takes one sequence as (heads, length, head_dim) and no
     scale, so q is scaled first and the kernel is vmapped over the batch (and, for grouped-query
     attention, over the key/value heads, each serving its group of query heads)."""
@@ -157,7 +172,15 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, local_win
     q = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)  # b, kv, group, L, d
     k, v = (x.astype(dtype).transpose(0, 2, 1, 3) for x in (k, v))  # b, kv, L, d
     kernel = _splash_kernel(length, group, local_window, block, interpret)
-    out = jax.vmap(jax.vmap(kernel))(q, k, v)  # b, kv, group, L, d
+    if segment_ids is None:
+        out = jax.vmap(jax.vmap(kernel))(q, k, v)  # b, kv, group, L, d
+    else:
+        from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+        segments = segment_ids.astype(jnp.int32)
+        per_head = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=SegmentIds(ids, ids)),
+                            in_axes=(0, 0, 0, None))  # every key/value head of a row shares its segments
+        out = jax.vmap(per_head)(q, k, v, segments)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(out_dtype)
 
 
@@ -175,8 +198,8 @@ def _splash_kernel(length: int, heads: int, local_window: int | None, block: int
                                   q_seq_shards=1, interpret=interpret)
 
 
-def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, local_window: int | None,
-           implementation: str = "cudnn") -> jax.Array:
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: None, *, scale: float,
+           local_window: int | None, implementation: str = "cudnn") -> jax.Array:
     """cuDNN's fused attention on one shard; it takes grouped-query k/v and local windows itself.
     (``implementation="xla"`` runs the same call on any backend, which is how CPU tests check it.)"""
     window = None if local_window is None else (local_window - 1, 0)

@@ -16,8 +16,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mesh_transformer.config import ModelConfig, resolve_attention, resolve_compute_dtype
+from mesh_transformer.config import LoraConfig, ModelConfig, resolve_attention, resolve_compute_dtype
 from mesh_transformer.models.attention import attend, attention_mask, self_attention
+from mesh_transformer.models.lora import FusedQKVAdapter, adapted_dense_names, has_fused_qkv_adapter, low_rank_delta
 from mesh_transformer.sharding import constrain
 
 INIT_STDDEV = 0.02
@@ -77,7 +78,13 @@ class Dense(nn.Dense):
 
     With 2-D operands XLA:CPU computes the weight gradient without first transposing the (often
     large) output gradient; for the lm_head that copy alone moved 800 MB per step.
+
+    With ``lora`` set, the projection also adds its low-rank adapter (``models/lora.py``), whose
+    factors carry the kernel's logical axis names ``lora_axes``.
     """
+
+    lora: LoraConfig | None = None
+    lora_axes: tuple[str, str] = ("embed", "embed")
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -88,6 +95,8 @@ class Dense(nn.Dense):
         y = jnp.dot(flat, kernel, precision=self.precision)
         if bias is not None:
             y = add_bias(y, bias)
+        if self.lora is not None:
+            y = y + low_rank_delta(self, flat, self.lora, self.features, self.lora_axes, y.dtype)
         return y.reshape(*inputs.shape[:-1], self.features)
 
 
@@ -101,6 +110,8 @@ def dense_layer(cfg: ModelConfig, features: int, names: tuple[str, str], name: s
         kernel_init=_kernel_init(names, stddev),
         bias_init=_zeros(names[1:]),
         name=name,
+        lora=cfg.lora if name in adapted_dense_names(cfg) else None,
+        lora_axes=names,
     )
 
 
@@ -181,10 +192,11 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array, segment_ids: jax.Array | None = None,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
         """With a cache, x holds new tokens only: their keys and values are written to the cache at
-        ``positions`` and the queries attend over the whole cache (earlier positions only)."""
+        ``positions`` and the queries attend over the whole cache (earlier positions only). Without
+        one, ``segment_ids`` (if given) keep the packed documents of a row from attending to each other."""
         cfg = self.cfg
         batch, length, _ = x.shape
 
@@ -195,6 +207,8 @@ class Attention(nn.Module):
 
         q = project("q_proj", cfg.n_heads)
         k, v = project("k_proj", cfg.kv_heads), project("v_proj", cfg.kv_heads)
+        if has_fused_qkv_adapter(cfg):
+            q, k, v = FusedQKVAdapter(cfg, compute_dtype(cfg), name="query_key_value")(x, q, k, v)
         if cfg.pe == "rotary":
             sin, cos = rotary_angles(positions, cfg.rotary_dims, cfg.rotary_base)
             q = apply_rotary(q, sin, cos, cfg.rotary_style)
@@ -207,7 +221,7 @@ class Attention(nn.Module):
             cache = cache.write(k, v, positions)
         if cache is None or prefill:
             local = cfg.window_size if cfg.has_local_attention else None
-            out = self_attention(q, k, v, positions, window, scale, attention_kernel(cfg), local)
+            out = self_attention(q, k, v, positions, window, scale, attention_kernel(cfg), local, segment_ids)
         else:
             cached = cache.keys.shape[2]
             mask = attention_mask(positions, jnp.broadcast_to(jnp.arange(cached), (batch, cached)), window)

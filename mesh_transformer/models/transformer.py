@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from mesh_transformer.config import ModelConfig
 from mesh_transformer.models.attention import GLOBAL_WINDOW
+from mesh_transformer.models import lora
 from mesh_transformer.models.layers import (
     MLP,
     Attention,
@@ -76,13 +77,13 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, window: jax.Array, segment_ids: jax.Array | None = None,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
         cfg = self.cfg
         attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
         mlp_norm = norm_layer(cfg, "ln_2") if cfg.separate_mlp_norm else None
         h = norm_layer(cfg, "ln_1")(x)
-        attended, cache = attn(h, positions, window, cache)
+        attended, cache = attn(h, positions, window, segment_ids, cache=cache)
         if cfg.residual == "sequential":
             x = x + attended
             x = x + mlp(mlp_norm(x))
@@ -97,9 +98,9 @@ def _layer_stack(cfg: ModelConfig) -> type[nn.Module]:
         block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast, 0),
+        variable_axes={"params": 0, lora.COLLECTION: 0},
+        split_rngs={"params": True, lora.COLLECTION: True, lora.DROPOUT_RNG: True},
+        in_axes=(nn.broadcast, 0, nn.broadcast),  # positions, the layer's window, segment ids
         length=cfg.layers,
         unroll=min(cfg.scan_unroll, cfg.layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -141,12 +142,12 @@ class Transformer(nn.Module):
         return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: tuple[LayerCache, ...] | None = None):
+                 cache: tuple[LayerCache, ...] | None = None, segment_ids: jax.Array | None = None):
         if positions is None:
             positions = default_positions(tokens)
         x = self.embed(tokens, positions)
         if cache is None:
-            x, _ = self.blocks(x, positions, layer_windows(self.cfg))
+            x, _ = self.blocks(x, positions, layer_windows(self.cfg), segment_ids)
             return self.head(x)
         x, new_cache = self._cached_layers(x, positions, cache)
         return self.head(x), new_cache
@@ -159,7 +160,7 @@ class Transformer(nn.Module):
         for i, layer_cache in enumerate(cache):
             layer_params = blocks[i] if isinstance(blocks, tuple) else jax.tree.map(lambda p: p[i], blocks)
             x, layer_cache = Block(self.cfg, parent=None).apply(
-                {"params": layer_params}, x, positions, windows[i], layer_cache)
+                {"params": layer_params}, x, positions, windows[i], cache=layer_cache)
             new_cache.append(layer_cache)
         return x, tuple(new_cache)
 
@@ -167,6 +168,20 @@ class Transformer(nn.Module):
 def default_positions(tokens: jax.Array) -> jax.Array:
     """0, 1, 2, ... for every row of a (batch, length) token array."""
     return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+def document_layout(tokens: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """Positions and segment ids of rows that pack documents, each ended by ``eos_id``.
+
+    The EOS token opens the next document's segment (it serves as that document's start: the
+    first real token is predicted from it alone, as when sampling from an EOS prompt), and positions
+    count from 0 at every segment's start.
+    """
+    starts = tokens == eos_id
+    segment_ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - segment_start, segment_ids
 
 
 def count_params(params) -> int:
@@ -182,5 +197,14 @@ def non_embedding_params(params) -> int:
 def abstract_params(cfg: ModelConfig):
     """The parameter tree as shapes and dtypes, boxed with their logical axis names (``nn.Partitioned``:
     ``nn.unbox`` for the shapes, ``nn.get_partition_spec`` for the names), without computing anything."""
-    variables = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    return variables["params"]
+    return _abstract_variables(cfg)["params"]
+
+
+def abstract_adapters(cfg: ModelConfig):
+    """The LoRA adapter tree of ``cfg.lora`` (``models/lora.py``), boxed like ``abstract_params``."""
+    return _abstract_variables(cfg)[lora.COLLECTION]
+
+
+def _abstract_variables(cfg: ModelConfig):
+    rngs = {"params": jax.random.key(0), lora.COLLECTION: jax.random.key(1)}
+    return jax.eval_shape(lambda: Transformer(cfg).init(rngs, jnp.zeros((1, 1), jnp.int32)))

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from mesh_transformer.config import Config, ConfigError, MeshConfig, check_mesh_fits
 from mesh_transformer.hardware import GIB, Accelerator
 from mesh_transformer.plan.estimate import StepEstimate, estimate_step
-from mesh_transformer.plan.memory import (MemoryBreakdown, analytic_memory, compile_step, resolved_model,
-                                          state_shards)
+from mesh_transformer.plan.memory import (MemoryBreakdown, analytic_memory, base_dtype, compile_step,
+                                          resolved_model, state_shards)
 from mesh_transformer.plan.targets import (PlanError, Target, check_devices, parse_gpu, parse_target, parse_tpu,
                                            tpu_devices, usable_hbm_bytes)
 from mesh_transformer.sharding import MESH_AXES, resolve_mesh_shape
@@ -58,6 +58,7 @@ class Plan:
             "mesh": self.mesh_shape, "remat": self.config.model.remat,
             "per_replica_batch": t.per_replica_batch, "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "precision": self.precision, "fits": self.fits,
+            "lora": dataclasses.asdict(self.config.lora) if self.config.lora else None,
             "per_device_bytes": self.memory.total, "hbm_bytes": self.hbm_bytes, "headroom_bytes": self.headroom_bytes,
             "per_device_breakdown_bytes": self.memory.as_dict(),
             "model_flops_per_step": self.estimate.model_flops_per_step,
@@ -83,8 +84,13 @@ def _mesh_shape(config: Config, target: Target) -> dict[str, int]:
 
 
 def _precision(config: Config, accelerator: Accelerator) -> str:
-    m = resolved_model(config, accelerator)
-    return (f"{m.param_dtype} parameters and optimizer state, {m.compute_dtype} compute, "
+    m, lora = resolved_model(config, accelerator), config.lora
+    if lora is None:
+        stored = f"{m.param_dtype} parameters and optimizer state"
+    else:
+        stored = (f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {base_dtype(config)} frozen base, "
+                  "float32 adapters and optimizer state")
+    return (f"{stored}, {m.compute_dtype} compute, "
             f"gradients accumulated in {config.train.grad_accum_dtype}; attention kernel {m.attention}")
 
 

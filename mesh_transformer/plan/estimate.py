@@ -8,6 +8,10 @@ all-reduces the gradients once per step. Collectives are costed as rings at the 
 bandwidth per device and assumed NOT to overlap with compute. The optimizer update reads and writes
 the parameters, the gradients and Adam's moments once from HBM.
 
+A LoRA run (``"lora"``) computes no weight gradients of its frozen base: its model FLOPs are 4N per
+token instead of 6N (plus attention, unchanged), as the training MFU counts them for LoRA, and the
+gradient collectives and the optimizer update cover the adapters alone.
+
 Attention depends on the kernel (``config.resolve_attention``). The XLA path computes the whole
 score matrix, masked half included, and moves it through HBM: the float32 scores written and read
 for the softmax, the probabilities (compute dtype) written and read for the weighted sum; in the
@@ -81,24 +85,36 @@ def _ring_seconds(bytes_per_device: float, group: int, bandwidth: float, all_red
     return (2.0 if all_reduce else 1.0) * (group - 1) / group * bytes_per_device / bandwidth
 
 
+def training_flops_per_token(config: Config, shards: StateShards, attention: bool = True) -> float:
+    """Model FLOPs per token (``training.metrics.model_flops_per_token``: 6N + 12 x layers x d_model x seq);
+    a LoRA step computes no weight gradients of its frozen base, so 4N (the adapters' own matmuls are
+    left out, as small). ``attention=False``: the dense part only."""
+    m = config.model
+    flops = model_flops_per_token(shards.non_embedding_params, m.layers if attention else 0, m.d_model, m.seq)
+    return flops - (2.0 * shards.non_embedding_params if shards.lora else 0.0)
+
+
 def estimate_step(config: Config, mesh_shape: dict[str, int], accelerator: Accelerator,
                   shards: StateShards) -> StepEstimate:
     m, t = resolved_model(config, accelerator), config.train
     dp, fsdp, mp = mesh_shape["dp"], mesh_shape["fsdp"], mesh_shape["mp"]
     devices = dp * fsdp * mp
     tokens = tokens_per_step(config, mesh_shape)
-    model_flops = model_flops_per_token(shards.non_embedding_params, m.layers, m.d_model, m.seq) * tokens
-    dense_flops = model_flops_per_token(shards.non_embedding_params, 0, m.d_model, m.seq) * tokens
+    model_flops = training_flops_per_token(config, shards) * tokens
+    dense_flops = training_flops_per_token(config, shards, attention=False) * tokens
     attention_flops = model_flops - dense_flops  # the whole score matrix, as model FLOPs count it
-    # remat full recomputes the forward pass (a third of the FLOPs) in the backward pass.
+    # remat full recomputes the forward pass: a third more dense FLOPs (a half more in LoRA, whose
+    # backward pass is as cheap as its forward), and a third more attention.
     recompute = 4 / 3 if m.remat == "full" else 1.0
+    dense_recompute = (3 / 2 if shards.lora else 4 / 3) if m.remat == "full" else 1.0
     micro = t.gradient_accumulation_steps
     compute_bytes = jnp.dtype(m.compute_dtype).itemsize
     passes = 3 if m.remat == "full" else 2  # forward, (recomputed forward,) backward
 
     peak = accelerator.peak_bf16_flops
     attention_rate = peak / FLOAT32_MATMUL_SLOWDOWN if m.attention == "splash_float32" else peak
-    matmul_seconds = recompute * (dense_flops / peak + attention_flops * attention_tiles_computed(m) / attention_rate)
+    matmul_seconds = (dense_recompute * dense_flops / peak
+                      + recompute * attention_flops * attention_tiles_computed(m) / attention_rate)
     score_seconds = (m.layers * score_elements(m, t.per_replica_batch, mp) * score_traffic_bytes(compute_bytes, passes)
                      / accelerator.hbm_bandwidth if m.attention == "xla" else 0.0)
     weight_reads = passes * shards.params * compute_bytes
@@ -109,13 +125,13 @@ def estimate_step(config: Config, mesh_shape: dict[str, int], accelerator: Accel
     reductions_per_layer = (1 if m.residual == "parallel" else 2) * passes
     mp_seconds = micro * m.layers * reductions_per_layer * _ring_seconds(activation_bytes, mp, bandwidth, True)
     fsdp_seconds = micro * (passes * _ring_seconds(shards.params * fsdp * compute_bytes, fsdp, bandwidth, False)
-                            + _ring_seconds(shards.params * fsdp * 4, fsdp, bandwidth, False))
-    dp_seconds = _ring_seconds(shards.params * 4, dp, bandwidth, True)
+                            + _ring_seconds(shards.trained * fsdp * 4, fsdp, bandwidth, False))
+    dp_seconds = _ring_seconds(shards.trained * 4, dp, bandwidth, True)
     communication = mp_seconds + fsdp_seconds + dp_seconds
 
-    # Read params, gradients and each optimizer slot; write params and slots (float32 gradients).
+    # Read what is trained, its gradients and each optimizer slot; write it and the slots (float32 gradients).
     slots = optimizer_slots(config)
-    optimizer_bytes = shards.params * (shards.param_bytes * (2 + 2 * slots) + 4)
+    optimizer_bytes = shards.trained * (shards.trained_bytes * (2 + 2 * slots) + 4)
     optimizer = optimizer_bytes / accelerator.hbm_bandwidth
 
     step = compute + communication + optimizer

@@ -28,7 +28,10 @@ from mesh_transformer import storage
 from mesh_transformer.training.checkpoint import BadCheckpoint, Checkpointer, CheckpointSaveFailed, resolve_checkpoint
 from mesh_transformer.config import Config, ConfigError, to_json_dict
 from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFRecordLoader, resolve_index
+from mesh_transformer.data.mixture import MixtureLoader, MixtureState, SourceState, loader_state_from_dict, train_loader
 from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from mesh_transformer.inference.weights import LORA_BASE, load_lora_base, lora_base_pointer
+from mesh_transformer.models import lora
 from mesh_transformer.models.outputs import real_vocab_size
 from mesh_transformer.models.transformer import non_embedding_params
 from mesh_transformer.sharding import any_process, data_parallel_size, make_mesh, on_any_process
@@ -104,6 +107,23 @@ def _real_vocab_size(config: Config) -> int | None:
     return real_vocab_size(tokenizer, config.model.n_vocab, config.source)
 
 
+def document_eos(config: Config) -> int | None:
+    """The token that ends each packed document, when documents must not attend to each other."""
+    if not config.train.reset_attention_at_eos:
+        return None
+    if config.train.eos_token_id is not None:
+        return config.train.eos_token_id
+    try:
+        eos = load_tokenizer(config.run.tokenizer).eos_token_id
+    except Exception as e:
+        raise ConfigError(f"{config.source}: reset_attention_at_eos needs the EOS id: tokenizer "
+                          f"{config.run.tokenizer!r} could not be loaded ({e}); set eos_token_id") from None
+    if not 0 <= eos < config.model.n_vocab:
+        raise ConfigError(f"{config.source}: reset_attention_at_eos: tokenizer {config.run.tokenizer!r} ends "
+                          f"documents with id {eos}, outside n_vocab ({config.model.n_vocab}); set eos_token_id")
+    return eos
+
+
 def local_row_block(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int) -> tuple[int, int]:
     """The contiguous block [start, stop) of ``axis`` that this process's devices hold."""
     indices = sharding.addressable_devices_indices_map(global_shape).values()
@@ -133,7 +153,8 @@ class TrainingRun:
         self.config, self.options = config, options
         self.mesh = make_mesh(config)
         self.harness = _harness_evaluator(config, self.mesh)  # before anything is written: bad task names stop here
-        self.trainer = Trainer(config, self.mesh, real_vocab=_real_vocab_size(config))
+        self.trainer = Trainer(config, self.mesh, real_vocab=_real_vocab_size(config),
+                               document_eos=document_eos(config))
         self.run_dir = config.run.checkpoint_dir
         self.checkpointer = Checkpointer(self.run_dir, keep_last=config.train.keep_last,
                                          keep_every=config.train.keep_every)
@@ -160,16 +181,20 @@ class TrainingRun:
 
     def _loader(self, index: str, microbatches: int, **options) -> TFRecordLoader:
         """A loader for this process's block of rows, which are those of a contiguous block of streams."""
+        return TFRecordLoader(resolve_index(index), self.config.model.seq + 1, **self._row_block(microbatches),
+                              **options)
+
+    def _row_block(self, microbatches: int) -> dict:
+        """The loader options that make it read this process's block of rows (see ``_loader``)."""
         start, stop = local_row_block(self.trainer.batch_sharding(), self._global_batch_shape(microbatches), axis=1)
         rows_per_stream = self.global_batch // self.data_streams
-        return TFRecordLoader(resolve_index(index), self.config.model.seq + 1, (microbatches, stop - start),
-                              streams=self.data_streams,
-                              stream_range=(start // rows_per_stream, stop // rows_per_stream),
-                              n_vocab=self.config.model.n_vocab, real_vocab=self.trainer.real_vocab,
-                              bad_records=self.config.train.bad_records, **options)
+        return dict(batch_shape=(microbatches, stop - start), streams=self.data_streams,
+                    stream_range=(start // rows_per_stream, stop // rows_per_stream),
+                    n_vocab=self.config.model.n_vocab, real_vocab=self.trainer.real_vocab,
+                    bad_records=self.config.train.bad_records)
 
     # ----- state -----
-    def _initial_state(self) -> tuple[TrainState, LoaderState | None]:
+    def _initial_state(self) -> tuple[TrainState, LoaderState | MixtureState | None]:
         if self.checkpointer.latest_step() is not None:
             latest, (state, meta), passed_over = self.checkpointer.restore_newest(self._resumable_state)
             if passed_over:  # moved, not deleted: saving their steps again must work, and keep_last not count them
@@ -178,11 +203,25 @@ class TrainingRun:
             self.metrics.truncate_after(latest)
             # Checkpoints written by conversions (HF import, legacy) carry no data position: start fresh.
             saved_position = meta.get("train_loader")
-            return state, LoaderState.from_dict(saved_position) if saved_position else None
+            return state, loader_state_from_dict(saved_position) if saved_position else None
+        if self.config.lora is not None:
+            return self._lora_start(), None
         if self.options.tune_model_path:
             return self._fine_tune_start(), None
         log.info("starting a new run in %s", self.run_dir)
         return self.trainer.init_state(self.config.train.seed), None
+
+    def _lora_start(self) -> TrainState:
+        """Fresh adapters on the base named by ``--tune-model-path``, which every checkpoint will point to."""
+        if not self.options.tune_model_path:
+            raise ConfigError(f'{self.config.source}: "lora" trains adapters on a base model: pass its checkpoint '
+                              "with --tune-model-path (a run or step_N directory, an HF import, or a "
+                              "mesh-transformer-jax checkpoint).")
+        self.lora_base = lora_base_pointer(self.options.tune_model_path)
+        log.info("LoRA: training adapters on the frozen base %s (step %s)", self.lora_base["path"],
+                 self.lora_base["step"])
+        base = load_lora_base(self.config, self.lora_base, self.mesh)
+        return self.trainer.state_from_params(base, self.config.train.seed)
 
     def _fine_tune_start(self) -> TrainState:
         source_dir, step = resolve_checkpoint(self.options.tune_model_path)
@@ -232,12 +271,23 @@ class TrainingRun:
             log.info("checkpoint step %d in %s predates bad-step tracking: starting its count at 0",
                      step, checkpointer.directory)
             guard = self._fresh_guard()
-        return TrainState(**restored, guard=guard), meta
+        state = TrainState(**restored, guard=guard)
+        if self.config.lora is not None:
+            state = state.replace(frozen=self._lora_base_of(meta, checkpointer, step))
+        return state, meta
+
+    def _lora_base_of(self, meta: dict, checkpointer: Checkpointer, step: int):
+        """The base a LoRA checkpoint points to, loaded again (checksums verified, as any restore)."""
+        if LORA_BASE not in meta:
+            raise ConfigError(f'{self.config.source}: has "lora", but checkpoint step {step} in '
+                              f"{checkpointer.directory} is not a LoRA run's (no {LORA_BASE!r} in its metadata).")
+        self.lora_base = meta[LORA_BASE]
+        return load_lora_base(self.config, self.lora_base, self.mesh)
 
     # ----- data -----
-    def _train_loader(self, state: LoaderState | None) -> TFRecordLoader:
-        return self._loader(self.config.run.train_set, self.config.train.gradient_accumulation_steps,
-                            seed=self.config.train.seed, state=state)
+    def _train_loader(self, state: LoaderState | MixtureState | None) -> TFRecordLoader | MixtureLoader:
+        return train_loader(self.config.run.train_set, self.config.model.seq + 1, seed=self.config.train.seed,
+                            state=state, **self._row_block(self.config.train.gradient_accumulation_steps))
 
     def _to_device(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
         sharding = self.trainer.batch_sharding()
@@ -245,18 +295,28 @@ class TrainingRun:
         return (jax.make_array_from_process_local_data(sharding, batch.tokens, shape),
                 jax.make_array_from_process_local_data(sharding, batch.mask, shape))
 
-    def _gathered_loader_state(self, loader: TFRecordLoader) -> LoaderState:
-        """Every stream's position; each process knows only those of the streams it reads."""
-        table = np.full((loader.streams, 3), -1, np.int32)
-        positions = loader.state().streams
-        for s in loader.own_streams:
-            table[s] = (positions[s].epoch, positions[s].part, positions[s].record)
+    def _gathered_loader_state(self, loader: TFRecordLoader | MixtureLoader) -> LoaderState | MixtureState:
+        """Every stream's position (of every source of a mixture); each process knows only those of the
+        streams it reads. A mixture's row counts are global already."""
+        state = loader.state()
+        if isinstance(state, LoaderState):
+            return self._gathered_positions([state], loader.own_streams)[0]
+        positions = self._gathered_positions([s.position for s in state.sources.values()], loader.own_streams)
+        return MixtureState(state.rows, {key: SourceState(source.rows, position) for (key, source), position
+                                         in zip(state.sources.items(), positions, strict=True)})
+
+    def _gathered_positions(self, states: list[LoaderState], own_streams: range) -> list[LoaderState]:
+        table = np.full((len(states), len(states[0].streams), 3), -1, np.int32)
+        for i, state in enumerate(states):
+            for s in own_streams:
+                table[i, s] = (state.streams[s].epoch, state.streams[s].part, state.streams[s].record)
         if jax.process_count() > 1:
             # Processes reading the same streams (a batch replicated across processes) agree; -1 loses.
             table = multihost_utils.process_allgather(table).max(axis=0)
-        return LoaderState(tuple(StreamPosition(*map(int, row)) for row in table))
+        return [LoaderState(tuple(StreamPosition(*map(int, row)) for row in rows)) for rows in table]
 
-    def validate(self, params, eval_step) -> dict[str, float]:
+    def validate(self, params, eval_step, frozen=None) -> dict[str, float]:
+        """Validation losses; ``frozen`` is a LoRA run's base (``params`` then are its adapters)."""
         results = {}
         for name, index in self.config.run.val_set.items():
             loss_sum, count = 0.0, 0.0
@@ -265,7 +325,7 @@ class TrainingRun:
                     batch = next(loader, None)
                     if any_process(batch is None):
                         break
-                    s, n = eval_step(params, *self._to_device(batch))
+                    s, n = eval_step(params, *self._to_device(batch), frozen)
                     loss_sum, count = loss_sum + float(s), count + float(n)
             if count == 0:
                 log.warning("validation set %r (%s) gave no complete batch", name, index)
@@ -274,7 +334,7 @@ class TrainingRun:
         return results
 
     # ----- the loop -----
-    def _save(self, state: TrainState, loader: TFRecordLoader, force: bool = False) -> None:
+    def _save(self, state: TrainState, loader: TFRecordLoader | MixtureLoader, force: bool = False) -> None:
         step = int(state.step)
         if not bool(all_finite((state.params, state.opt_state))):
             # Only an accepted update that overflowed gets here; skipped steps never change the state.
@@ -282,8 +342,10 @@ class TrainingRun:
                                    f"{self._newest_checkpoint_line()}")
         self.metrics.flush()  # object stores buffer metric lines; never lose those a checkpoint covers
         loader_state = self._gathered_loader_state(loader)
-        self.checkpointer.save(step, state, {"train_loader": loader_state.to_dict(), "step": step,
-                                             "config": to_json_dict(self.config)}, force=force)
+        meta = {"train_loader": loader_state.to_dict(), "step": step, "config": to_json_dict(self.config)}
+        if state.frozen is not None:  # a LoRA run: the adapters only, and where the base is
+            state, meta[LORA_BASE] = state.replace(frozen=None), self.lora_base
+        self.checkpointer.save(step, state, meta, force=force)
 
     def run(self) -> TrainResult:
         cfg = self.config.train
@@ -293,8 +355,11 @@ class TrainingRun:
             log.info("already at step %d of %d: nothing to do", start, cfg.total_steps)
             return TrainResult(start, start, False, None)
         train_step, eval_step = self.trainer.jit_train_step(), self.trainer.jit_eval_step()
-        flops_per_token = model_flops_per_token(non_embedding_params(state.params), self.config.model.layers,
+        model_params = state.params if state.frozen is None else state.frozen
+        flops_per_token = model_flops_per_token(non_embedding_params(model_params), self.config.model.layers,
                                                 self.config.model.d_model, self.config.model.seq)
+        if state.frozen is not None:  # LoRA: no weight gradients of the frozen base, 4N not 6N (plan/estimate.py)
+            flops_per_token -= 2.0 * non_embedding_params(state.frozen)
         peak, peak_source = device_peak_flops(jax.devices()[0])
         log.info(self.trainer.precision_policy())
         log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
@@ -329,12 +394,14 @@ class TrainingRun:
                     record["train/mfu"] = mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)
                     if cfg.bad_records == "skip":
                         record["train/skipped_records"] = self._skipped_records(loader)
+                    if isinstance(loader, MixtureLoader):
+                        record.update({f"train/tokens_{name}": n for name, n in loader.tokens_seen().items()})
                     self.metrics.log(step, record)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
                                     mfu=f"{record['train/mfu']:.1%}")
                 if step % cfg.val_every == 0:
                     paused = time.perf_counter()
-                    self._evaluate(step, state.params, eval_step)
+                    self._evaluate(step, state, eval_step)
                     tick += time.perf_counter() - paused  # evaluation time is not training throughput
                 if save_due and metrics["bad_streak"] == 0:
                     self._save(state, loader, force=stopping)
@@ -380,7 +447,7 @@ class TrainingRun:
         reason = failure or f"checkpoint step {self.checkpointer.step_in_flight} failed on another process"
         raise CheckpointSaveFailed(f"{reason}. {self._newest_checkpoint_line()}") from failure
 
-    def _skipped_records(self, loader: TFRecordLoader) -> int:
+    def _skipped_records(self, loader: TFRecordLoader | MixtureLoader) -> int:
         """Damaged records passed over by this run's loaders so far (counted when read, a few batches
         ahead of the step); a collective with several processes."""
         if jax.process_count() == 1:
@@ -397,13 +464,16 @@ class TrainingRun:
             return f"No checkpoint in {self.run_dir}."
         return f"The newest checkpoint is step {latest} in {self.run_dir}."
 
-    def _evaluate(self, step: int, params, eval_step) -> None:
+    def _evaluate(self, step: int, state: TrainState, eval_step) -> None:
         """The validation loss and the config's harness tasks, logged at ``step``."""
         if self.config.run.val_set and self.config.train.val_batches:
-            val = self.validate(params, eval_step)
+            val = self.validate(state.params, eval_step, state.frozen)
             self.metrics.log(step, val)
             log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if self.harness is not None:
+            params = state.params
+            if state.frozen is not None:  # the harness runs the plain model: on a merged copy of the base
+                params = jax.jit(lora.merge, static_argnums=2)(state.frozen, state.params, self.trainer.model_config)
             self.metrics.log(step, self.harness.evaluate(params))
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from tests.helpers import REPO
 SCRIPTS: dict[str, str] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
 CLI = "mesh_transformer.cli"
 # The commands the docs name; removing one breaks users' scripts.
-DOCUMENTED = {"mtj-train", "mtj-create-tfrecords", "mtj-demo", "mtj-pod", "mtj-plan", "mtj-sample", "mtj-serve",
+DOCUMENTED = {"mtj-train", "mtj-create-tfrecords", "mtj-data", "mtj-demo", "mtj-pod", "mtj-plan", "mtj-sample", "mtj-serve",
               "mtj-eval-harness", "mtj-lm-eval", "mtj-hf", "mtj-to-hf", "mtj-convert-legacy"}
 
 

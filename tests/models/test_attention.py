@@ -76,7 +76,7 @@ def test_cudnn_call_has_the_xla_paths_masks(heads, kv_heads, window, local):
     """The exact call the cuDNN kernel gets, run with XLA's implementation (no GPU here)."""
     q, k, v = qkv(heads, kv_heads)
     layer_local = local if window < GLOBAL_WINDOW else None
-    got = attention._cudnn(q, k, v, scale=HEAD_DIM**-0.5, local_window=layer_local, implementation="xla")
+    got = attention._cudnn(q, k, v, None, scale=HEAD_DIM**-0.5, local_window=layer_local, implementation="xla")
     np.testing.assert_allclose(got, run("xla", q, k, v, window, local), atol=2e-5)
 
 
