@@ -34,3 +34,16 @@ def gcs_bucket(gcs_emulator, request):
 
     name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     return make_bucket(name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. The whole suite runs in one process, and
+    without this every module's executables stay resident to the end (modules rarely share them)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -118,10 +118,12 @@ def final_params(config_path: Path) -> dict:
     return jax.device_get(state["params"])
 
 
+SOURCE_TOKENS = ("train/tokens_train", "train/tokens_extra")  # the mixture's sources, by index file name
+
+
 def source_tokens(run_dir: Path) -> dict[int, dict[str, int]]:
     """Each step's tokens seen per mixture source."""
-    return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/tokens_")}
-            for r in read_metrics(run_dir) if "train/loss" in r}
+    return {r["step"]: {k: r[k] for k in SOURCE_TOKENS} for r in read_metrics(run_dir) if "train/loss" in r}
 
 
 def assert_close_runs(run: Path, reference: Path, tolerance: float = 1e-5) -> None:
@@ -134,7 +136,7 @@ def assert_close_runs(run: Path, reference: Path, tolerance: float = 1e-5) -> No
                     if "val/loss_heldout" in r}
     assert val.keys() == val_expected.keys() == {3, 6}
     tokens, tokens_expected = source_tokens(run / "run"), source_tokens(reference / "run")
-    assert tokens == tokens_expected and set(tokens[6]) == {"train/tokens_train", "train/tokens_extra"}
+    assert tokens == tokens_expected and sum(tokens[6].values()) == 6 * 8 * SEQ  # 6 steps of 8 rows
     np.testing.assert_allclose(list(val.values()), list(val_expected.values()), atol=tolerance, rtol=0)
     for x, y in zip(jax.tree.leaves(final_params(run / "config.json")),
                     jax.tree.leaves(final_params(reference / "config.json")), strict=True):
