@@ -59,9 +59,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 add_repo_to_path()
-from mesh_transformer.config import parse_config  # noqa: E402
 from mesh_transformer.hardware import accelerator_for_device_kind  # noqa: E402
-from mesh_transformer.training.metrics import model_flops_per_token  # noqa: E402
+from mesh_transformer.models.flops import model_flops_per_token  # noqa: E402
+from mesh_transformer.models.registry import parse_config  # noqa: E402
 
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.1, 1.0
 GIB = 2**30
@@ -212,8 +212,7 @@ def peaks(run: Run) -> tuple[float | None, float | None]:
 
 def project_flash(run: Run, batch: int, seq: int) -> tuple[str, str, Callable | None, bool]:
     """Our own fused-attention entry point with the kernel ``"attention": "flash"`` resolves to here."""
-    from mesh_transformer.config import resolve_attention
-    from mesh_transformer.models.attention import GLOBAL_WINDOW, self_attention
+    from mesh_transformer.models.attention import GLOBAL_WINDOW, resolve_attention, self_attention
 
     kernel = resolve_attention("flash", run.platform, run.device.device_kind, "bfloat16")
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
@@ -337,13 +336,13 @@ def implementation_of(model) -> str:
 
 
 def section_hf_train(run: Run) -> None:
-    from mesh_transformer.convert import hf
+    from mesh_transformer.convert.hf_config import config_to_hf
 
     args, torch = run.args, run.torch
     if run.torch_device is None:
         run.data["hf_train"] = {"note": f"torch has no device here to match JAX's {run.platform}: not measured"}
         return
-    hf_config = hf.config_to_hf(train_config(args, "auto", args.batches[0]).model)
+    hf_config = config_to_hf(train_config(args, "auto", args.batches[0]).model)
     model = hf_causal_lm(run, hf_config, args.hf_attention).float().train()
     n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wte.weight.numel()
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -578,7 +577,8 @@ def generation_models(run: Run):
     """Our bf16 params and Generator, and an HF bf16 model holding the same weights."""
     import flax.linen as nn
 
-    from mesh_transformer.convert import hf
+    from mesh_transformer.convert.hf_config import architecture_for, config_to_hf
+    from mesh_transformer.convert.tensor_table import flatten_params, hf_tensors
     from mesh_transformer.inference.engine import Generator
     from mesh_transformer.models.transformer import Transformer
 
@@ -597,12 +597,12 @@ def generation_models(run: Run):
                           context=args.prompt_tokens + args.new_tokens)
     if run.torch_device is None:
         return generator, None
-    flat = hf.flatten_params(params)
+    flat = flatten_params(params)
     weights = {name: torch.from_numpy(np.asarray(array, np.float32))
-               for name, array in hf.hf_tensors(hf.architecture_for(model_cfg), model_cfg,
-                                                lambda path: np.asarray(flat[path]))}
+               for name, array in hf_tensors(architecture_for(model_cfg), model_cfg,
+                                             lambda path: np.asarray(flat[path]))}
     del flat, params
-    model = hf_causal_lm(run, hf.config_to_hf(model_cfg, tokenizer), args.hf_attention)
+    model = hf_causal_lm(run, config_to_hf(model_cfg, tokenizer), args.hf_attention)
     model = model.to(torch.bfloat16).eval()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     parameters = {name for name, _ in model.named_parameters()}

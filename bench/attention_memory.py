@@ -24,8 +24,8 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_results, command_line, machine_summary, markdown_table  # noqa: E402
-from mesh_transformer.config import load_config, parse_config  # noqa: E402
 from mesh_transformer.hardware import GIB  # noqa: E402
+from mesh_transformer.models.registry import load_config, parse_config  # noqa: E402
 from mesh_transformer.plan import make_plan, parse_target  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

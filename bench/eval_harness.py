@@ -42,7 +42,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 add_repo_to_path()
-from mesh_transformer.convert import hf  # noqa: E402
+from mesh_transformer.convert.hf_import import import_hf  # noqa: E402
 from mesh_transformer.evaluation import MeshTransformerLM  # noqa: E402
 
 EOT = "<|endoftext|>"
@@ -91,7 +91,7 @@ def write_models(args, root: Path, texts: list[str]) -> tuple[Path, Path]:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(str(root / "hf"))
     tokenizer.save_pretrained(str(root / "hf"))
-    hf.import_hf(str(root / "hf"), str(root / "ours"), show_progress=False)
+    import_hf(str(root / "hf"), str(root / "ours"), show_progress=False)
     return root / "hf", root / "ours" / "config.json"
 
 

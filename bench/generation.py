@@ -51,9 +51,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 REPO = add_repo_to_path()
-from mesh_transformer.convert import hf  # noqa: E402
-from mesh_transformer.training.checkpoint import Checkpointer  # noqa: E402
-from mesh_transformer.config import Config, load_config  # noqa: E402
+from mesh_transformer.checkpoints.store import Checkpointer  # noqa: E402
+from mesh_transformer.convert.hf_export import export_to_hf  # noqa: E402
+from mesh_transformer.models.registry import load_config  # noqa: E402
+from mesh_transformer.config import Config  # noqa: E402
 from mesh_transformer.inference.engine import Generator  # noqa: E402
 from mesh_transformer.inference.text import SamplingParams, text_offsets  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
@@ -73,7 +74,7 @@ def write_model(args, root: Path) -> tuple[Config, dict]:
     state = state.replace(params=sharpened(state.params))
     with Checkpointer(config.run.checkpoint_dir) as checkpoints:
         checkpoints.save(0, state, {})
-    hf.export_to_hf(config.run.checkpoint_dir, config, str(root / "hf"), dtype="fp32", show_progress=False)
+    export_to_hf(config.run.checkpoint_dir, config, str(root / "hf"), dtype="fp32", show_progress=False)
     return config, state.params
 
 

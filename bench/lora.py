@@ -37,8 +37,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = add_repo_to_path()
-from mesh_transformer.config import MeshConfig, load_config, parse_config  # noqa: E402
+from mesh_transformer.config import MeshConfig  # noqa: E402
 from mesh_transformer.hardware import GIB  # noqa: E402
+from mesh_transformer.models.registry import load_config, parse_config  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
 from mesh_transformer.training.steps import Trainer  # noqa: E402
 

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 add_repo_to_path()
-from mesh_transformer.config import parse_config  # noqa: E402
+from mesh_transformer.models.registry import parse_config  # noqa: E402
 from mesh_transformer.models.transformer import non_embedding_params  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
 from mesh_transformer.training.steps import Trainer  # noqa: E402

@@ -222,10 +222,16 @@ class HostActor:
             with open(os.path.expanduser(pid_file), "w") as f:
                 f.write(str(os.getpid()))
         initialize_distributed(spec)
-        from mesh_transformer.config import parse_config
+        from mesh_transformer.models.registry import parse_config
         from mesh_transformer.training.run import train
 
-        result = train(parse_config(raw_config, source=source), options)
+        config = parse_config(raw_config, source=source)
+        hooks = ()
+        if config.run.eval_harness_tasks:  # lm-eval is optional: imported only when used
+            from mesh_transformer.evaluation import harness_hook
+
+            hooks = (harness_hook(config),)
+        result = train(config, options, hooks)
         return {"start_step": result.start_step, "step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss}
 
 

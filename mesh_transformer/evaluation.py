@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +55,21 @@ try:
 except ImportError as e:  # an optional dependency: say how to get it
     raise ImportError(f"evaluation needs lm-evaluation-harness: pip install 'mesh-transformer[eval]' ({e})") from e
 
-from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config
+from mesh_transformer.checkpoints.params import load_params
+from mesh_transformer.config import Config, ConfigError, ModelConfig
 from mesh_transformer.inference.engine import Generator
 from mesh_transformer.inference.shapes import bucket_size
 from mesh_transformer.inference.text import SamplingParams
-from mesh_transformer.inference.weights import load_params
+from mesh_transformer.models import lora
 from mesh_transformer.models.outputs import mask_padded_vocab, real_vocab_size, token_logprobs
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.models.transformer import Transformer, count_params
 from mesh_transformer.sharding import data_parallel_size, logical_to_spec, make_mesh, traced_on
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
+from mesh_transformer.training.hooks import Every, StepInfo
+
+if TYPE_CHECKING:
+    from mesh_transformer.training.run import TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -369,3 +375,21 @@ class TrainingEvaluator:
         metrics = harness_metrics(results)
         log.info("lm-evaluation-harness: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
+
+
+def harness_hook(config: Config):
+    """The config's ``eval_harness_tasks`` as a training hook (``training.hooks``), every ``val_every``
+    steps: a function of the run that ``TrainingRun`` calls once its mesh exists and before it writes
+    anything, so that a bad task name stops the run first."""
+    def for_run(run: TrainingRun) -> Every:
+        evaluator = TrainingEvaluator(config, run.mesh)
+
+        def evaluate(info: StepInfo) -> None:
+            params = info.state.params
+            if info.state.frozen is not None:  # the harness runs the plain model: on a merged copy of the base
+                params = jax.jit(lora.merge, static_argnums=2)(info.state.frozen, params, run.trainer.model_config)
+            run.metrics.log(info.step, evaluator.evaluate(params))
+
+        return Every(evaluate, config.train.val_every)
+
+    return for_run

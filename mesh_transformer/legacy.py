@@ -1,9 +1,10 @@
-"""The original command path ``python -m mesh_transformer.legacy`` (original-checkpoint conversion); the code lives in
-``mesh_transformer.convert.legacy`` and the command line in ``mesh_transformer.cli.legacy``."""
+"""The original command path ``python -m mesh_transformer.legacy`` (original-checkpoint conversion): it runs
+the command table's entry for that spelling (``mtj-convert-legacy``, in ``mesh_transformer.cli``); the code
+lives in ``mesh_transformer.checkpoints.legacy`` and ``mesh_transformer.convert.native``."""
 
 import sys
 
 if __name__ == "__main__":
-    from mesh_transformer.cli.legacy import main
+    from mesh_transformer.cli.commands import run
 
-    sys.exit(main())
+    sys.exit(run("python -m mesh_transformer.legacy"))

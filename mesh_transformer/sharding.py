@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mesh_transformer.config import Config, ConfigError, MeshConfig, check_mesh_fits
+from mesh_transformer.config import Config, MeshConfig
+from mesh_transformer.errors import ConfigError
 
 MESH_AXES = ("dp", "fsdp", "mp")
 
@@ -80,6 +81,20 @@ def resolve_mesh_shape(request: MeshConfig, n_devices: int, source: str = "confi
             f"{n_devices} are available. Make dp*fsdp*mp equal the device count (one axis may be -1)."
         )
     return sizes[0], sizes[1], sizes[2]
+
+
+def check_mesh_fits(config: Config, dp: int, fsdp: int, mp: int) -> None:
+    """Raise a ConfigError if the model's sharded dimensions do not divide the mesh axes."""
+    m, src = config.model, config.source
+    fix = 'change "mesh" (or cores_per_replica) or the model shape'
+    for key, size in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("n_vocab", m.n_vocab), ("d_ff", m.ff_dim)):
+        if size % mp:
+            raise ConfigError(f"{src}: {key} ({size}) must be divisible by the mp (tensor-parallel) size {mp}; {fix}.")
+    if m.d_model % fsdp:
+        raise ConfigError(f"{src}: d_model ({m.d_model}) must be divisible by the fsdp size {fsdp}; {fix}.")
+    if m.sequence_parallel and m.seq % mp:
+        raise ConfigError(f"{src}: sequence_parallel splits seq ({m.seq}) over the mp size {mp}, which must "
+                          f"divide it; {fix}.")
 
 
 def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -31,6 +31,7 @@ from mesh_transformer.cluster import (
     group_attempt,
 )
 from mesh_transformer.config import ConfigError
+from mesh_transformer.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,6 @@ def train_on_slice(tpu: TpuSlice, raw_config: dict, source: str, options, policy
     retries, after the hosts have saved a checkpoint and exited.
     """
     import ray
-
-    from mesh_transformer.training.run import StopRequest
 
     connect_to_slice_ray()
     # start_ray.sh returns once every worker has joined, so all hosts are here now.

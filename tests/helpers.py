@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from mesh_transformer.config import Config, parse_config
+from mesh_transformer.config import Config
+from mesh_transformer.models.registry import parse_config
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout, for commands run as subprocesses
 TINY_MODEL = dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=16, pe_rotary_dims=4)

@@ -12,7 +12,7 @@ from mesh_transformer.cluster import DistributedSpec, initialize_distributed
 
 def main(config_path: str, coordinator: str, num_processes: str, process_id: str, output: str) -> None:
     initialize_distributed(DistributedSpec(coordinator, int(num_processes), int(process_id)))
-    from mesh_transformer.config import load_config
+    from mesh_transformer.models.registry import load_config
     from mesh_transformer.training.run import TrainingRun
 
     config = load_config(config_path)

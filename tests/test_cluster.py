@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.training.checkpoint import Checkpointer
+from mesh_transformer.checkpoints.store import Checkpointer
 from mesh_transformer.cluster import (
     AttemptResult,
     DistributedSpec,

@@ -5,12 +5,10 @@ from pathlib import Path
 import pytest
 import transformers
 
-from mesh_transformer.config import (ConfigError, ModelConfig, load_config, parse_config, read_config_dict,
-                                     to_json_dict)
-from mesh_transformer.convert.hf import hf_config_to_model_config
+from mesh_transformer.config import ConfigError, MeshConfig, ModelConfig, config_keys, read_config_dict
+from mesh_transformer.convert.hf_config import hf_config_to_model_config
 from mesh_transformer.models.presets import PRESETS
-from mesh_transformer.sharding import make_mesh, resolve_mesh_shape
-from mesh_transformer.config import MeshConfig
+from mesh_transformer.models.registry import load_config, parse_config, to_json_dict
 from tests.helpers import tiny_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -66,6 +64,13 @@ def test_model_dir_without_bucket_is_used_as_is():
         (dict(total_steps=0), ["'total_steps'", "> 0"]),
         (dict(warmup_steps=-1), ["'warmup_steps'", ">= 0"]),
         (dict(bad_records="ignore"), ["'bad_records'", "stop", "skip"]),
+        (dict(norm=3), ["'norm'", "must be a string", "got 3"]),
+        (dict(attention_layers=["global", "locale"]), ["'attention_layers' is 'locale'", "global, local"]),
+        (dict(lr=-1), ["'lr'", ">= 0", "got -1.0"]),
+        (dict(keep_every=0), ["'keep_every'", "> 0"]),
+        (dict(lora={"rank": 4, "alpha": 8, "targets": ["q_proj"], "dropout": 1}), ["'lora.dropout'", "in [0, 1)"]),
+        (dict(lora={"rank": 4, "alpha": 8, "targets": ["q_proj"], "base_dtype": "fp8"}),
+         ["'lora.base_dtype' is 'fp8'", "float32, bfloat16"]),
     ],
 )
 def test_bad_configs_name_the_key_and_the_fix(change, fragments):
@@ -91,27 +96,6 @@ def test_bad_json_file_names_the_file(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "absent.json"))
-
-
-@pytest.mark.parametrize(
-    "change,fragment",
-    [
-        (dict(n_heads=2, d_model=32, cores_per_replica=4), "n_heads (2) must be divisible by the mp"),
-        (dict(n_vocab=66, cores_per_replica=4), "n_vocab (66) must be divisible by the mp"),
-        (dict(n_kv_heads=2, cores_per_replica=4), "n_kv_heads (2) must be divisible by the mp"),
-        (dict(d_model=36, n_heads=4, pe_rotary_dims=8, mesh={"dp": 1, "fsdp": 8, "mp": 1}), "d_model (36) must be divisible by the fsdp"),
-        (dict(mesh={"dp": 3, "fsdp": 1, "mp": 4}), "needs 12 devices but 8 are available"),
-        (dict(mesh={"dp": -1, "fsdp": 1, "mp": 3}), "not divisible by 3"),
-    ],
-)
-def test_shapes_that_do_not_divide_the_mesh(change, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        make_mesh(parse_config(dict(BASE, **change)))
-
-
-def test_default_mesh_follows_the_original():
-    assert resolve_mesh_shape(parse_config(dict(BASE, cores_per_replica=4)).mesh_request(), 8) == (2, 1, 4)
-    assert resolve_mesh_shape(MeshConfig(dp=2, fsdp=-1, mp=2), 8) == (2, 2, 2)
 
 
 def test_legacy_only_keys_are_accepted():
@@ -255,3 +239,22 @@ def test_a_named_architecture_round_trips_through_json():
     flat = to_json_dict(cfg)
     assert flat["architecture"] == "gpt_neox" and "model" not in flat
     assert parse_config(json.loads(json.dumps(flat))) == cfg
+
+
+def documented_keys() -> list[str]:
+    """The first cell of every row of docs/config.md's key tables (those headed "| key |")."""
+    keys, in_key_table = [], False
+    for line in (CONFIGS.parent / "docs" / "config.md").read_text().splitlines():
+        if line.startswith("| key |"):
+            in_key_table = True
+        elif not line.startswith("|"):
+            in_key_table = False
+        elif in_key_table and not line.startswith("|---"):
+            keys.append(line.split("|")[1].strip().strip("`"))
+    return keys
+
+
+def test_every_config_key_has_one_row_in_the_docs():
+    documented = documented_keys()
+    assert sorted(documented) == sorted(config_keys()), set(documented) ^ config_keys()
+    assert len(documented) == len(set(documented))

@@ -7,9 +7,9 @@ Nothing here builds a model: each parser is imported lazily and only asked to pa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import io
 import re
 import shlex
@@ -21,6 +21,7 @@ from unittest import mock
 
 import pytest
 
+from mesh_transformer.cli.commands import COMMANDS, Command, spellings
 from tests.helpers import REPO
 
 DOC_FILES = sorted([REPO / "README.md", REPO / "REPRODUCING.md", *(REPO / "docs").glob("*.md")])
@@ -30,38 +31,10 @@ ParseFn = Callable[[list[str]], object]
 
 # ----- how each command parses its arguments -----
 
-def parse_args_of(module: str, function: str = "parse_args") -> ParseFn:
-    """The command's own ``parse_args(argv)``, which also runs its checks between options."""
+def parse_args_of(command: Command) -> ParseFn:
+    """The command's own parser (``parse_args(argv)`` by default), which also runs its checks between options."""
     def parse(argv: list[str]) -> object:
-        return getattr(importlib.import_module(module), function)(argv)
-    return parse
-
-
-def parser_built_by(module: str, builder: str) -> ParseFn:
-    def parse(argv: list[str]) -> object:
-        return getattr(importlib.import_module(module), builder)().parse_args(argv)
-    return parse
-
-
-class _ArgumentsParsed(Exception):
-    """Raised right after parsing, so that a ``main`` never gets to do its work."""
-
-
-def parsed_by_main(module: str, function: str = "main") -> ParseFn:
-    """For a command whose ``main`` builds its parser inline: run ``main`` and stop it once it has parsed."""
-    def parse(argv: list[str]) -> object:
-        main = getattr(importlib.import_module(module), function)
-        real_parse_args = argparse.ArgumentParser.parse_args
-
-        def parse_then_stop(self, args=None, namespace=None):
-            raise _ArgumentsParsed(real_parse_args(self, args, namespace))
-
-        with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_then_stop):
-            try:
-                main(argv)
-            except _ArgumentsParsed as parsed:
-                return parsed.args[0]
-        raise AssertionError(f"{module}.{function} returned without parsing its arguments")
+        return command.function(command.parser)(argv)
     return parse
 
 
@@ -73,35 +46,20 @@ def parse_lm_eval_args(argv: list[str]) -> object:
         return HarnessCLI().parse_args()
 
 
-# Every command the docs may show, and how it parses its arguments. A command of ours that is not here
-# fails test_command_parses: add it. The console scripts are those of pyproject.toml's [project.scripts].
-_COMMANDS: list[tuple[tuple[str, ...], ParseFn]] = [
-    (("python device_train.py", "mtj-train"), parse_args_of("mesh_transformer.cli.train")),
-    (("python device_sample.py", "mtj-sample"), parse_args_of("mesh_transformer.cli.sample")),
-    (("python device_serve.py", "mtj-serve"), parse_args_of("mesh_transformer.cli.serve")),
-    (("python train.py", "mtj-pod"), parse_args_of("mesh_transformer.cli.pod")),
-    (("python eval_harness.py", "mtj-eval-harness"), parse_args_of("mesh_transformer.cli.eval_harness")),
-    (("mtj-lm-eval", "lm-eval"), parse_lm_eval_args),
-    (("python to_hf_weights.py", "mtj-to-hf", "python -m mesh_transformer.hf export", "mtj-hf export"),
-     parse_args_of("mesh_transformer.cli.to_hf")),
-    (("python -m mesh_transformer.hf import", "mtj-hf import"),
-     parse_args_of("mesh_transformer.cli.hf", "parse_import_args")),
-    (("python -m mesh_transformer.legacy", "mtj-convert-legacy"), parse_args_of("mesh_transformer.cli.legacy")),
-    (("python scripts/create_finetune_tfrecords.py", "mtj-create-tfrecords"),
-     parser_built_by("mesh_transformer.cli.create_tfrecords", "build_parser")),
-    (("python -m mesh_transformer.plan", "mtj-plan"), parse_args_of("mesh_transformer.cli.plan")),
-    (("python -m mesh_transformer.cli.data", "mtj-data"), parse_args_of("mesh_transformer.cli.data")),
-    (("python -m mesh_transformer.cli.demo", "mtj-demo"), parsed_by_main("mesh_transformer.cli.demo")),
-]
-PARSERS: dict[str, ParseFn] = {name: parse for names, parse in _COMMANDS for name in names}
+# Every command the docs may show, and how it parses its arguments: each spelling of each command in the
+# command table (mesh_transformer/cli/commands.py; a new command goes there), and the harness's lm-eval.
+PARSERS: dict[str, ParseFn] = {spelling: parse_args_of(command)
+                               for command in COMMANDS if command.parser for spelling in spellings(command)}
+PARSERS.update({"mtj-lm-eval": parse_lm_eval_args, "lm-eval": parse_lm_eval_args})
 
 # First words of commands that are not ours (shell, cloud and packaging tools): not checked.
 EXEMPT_COMMANDS = frozenset({
     "pip", "cd", "export", "curl", "gcloud", "gsutil", "wget", "tar", "git", "kill", "cat", "echo", "ls",
     "mkdir", "cp", "mv", "rm", "head", "tail", "tee", "jq", "source", "ray", "openssl", "sudo", "apt-get",
 })
-# tpu_setup/*.sh are shell scripts (linted by shellcheck in test_tpu_setup), not Python command lines.
-EXEMPT_PREFIXES = ("tpu_setup/",)
+# tpu_setup/*.sh are shell scripts (linted by shellcheck in test_tpu_setup), not Python command lines; nor is
+# .ci/tests, the test tiers.
+EXEMPT_PREFIXES = ("tpu_setup/", ".ci/")
 # `python -m X` for these X, and `python -c ...`, are not ours either.
 EXEMPT_PYTHON_MODULES = frozenset({"pytest", "pip", "venv"})
 PYTHONS = frozenset({"python", "python3"})
@@ -282,16 +240,14 @@ def test_docs_show_commands_of_every_kind():
 
 
 def test_commands_in_the_table_exist():
-    """A command the docs may show must be runnable: its script file, or its console script, exists."""
-    import tomllib
-
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    """A command the docs may show must be runnable: its script file, or its installed console script, exists."""
+    installed = {entry.name for entry in importlib.metadata.entry_points(group="console_scripts")}
     for name in PARSERS:
         words = name.split()
         if words[0] in PYTHONS and words[1].endswith(".py"):
             assert (REPO / words[1]).is_file(), f"{name}: no such script"
         elif words[0].startswith("mtj-"):
-            assert words[0] in scripts, f"{words[0]} is not a console script in pyproject.toml"
+            assert words[0] in installed, f"{words[0]} is not an installed console script (pip install -e . again?)"
 
 
 def test_readme_keeps_the_test_command():

@@ -3,7 +3,7 @@ Face model on the same weights; left truncation, greedy flags and stop strings l
 evaluation during training; task names checked up front; the command lines.
 
 Tiny random GPT-J / GPT-Neo / GPT-NeoX models are built with transformers and a byte-level BPE
-tokenizer trained here on the task texts, saved, and imported with ``hf.import_hf``. The tasks are
+tokenizer trained here on the task texts, saved, and imported with ``import_hf``. The tasks are
 the YAML files in ``tests/eval_tasks/`` reading local jsonl files, so nothing is downloaded.
 """
 
@@ -23,10 +23,11 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from mesh_transformer.convert import hf  # noqa: E402
+from mesh_transformer.convert.hf_import import import_hf  # noqa: E402
 from mesh_transformer.cli import eval_harness as cli  # noqa: E402
-from mesh_transformer.config import ConfigError, load_config  # noqa: E402
-from mesh_transformer.evaluation import MeshTransformerLM, check_task_names, harness_metrics  # noqa: E402
+from mesh_transformer.config import ConfigError  # noqa: E402
+from mesh_transformer.evaluation import MeshTransformerLM, check_task_names, harness_hook, harness_metrics  # noqa: E402
+from mesh_transformer.models.registry import load_config  # noqa: E402
 from mesh_transformer.training.run import TrainOptions, train  # noqa: E402
 from tests.convert.test_hf import EOT, gpt_neo_config, gpt_neox_config, gptj_config, save_hf_model  # noqa: E402
 from tests.training.test_run import REPO, read_metrics, write_config, write_dataset  # noqa: E402
@@ -87,7 +88,7 @@ def imported(tmp_path_factory, bpe_tokenizer):
             root = tmp_path_factory.mktemp(arch)
             source = save_hf_model(root / "hf", HF_CONFIGS[arch](), seed=5)
             bpe_tokenizer.save_pretrained(str(source))
-            hf.import_hf(str(source), str(root / "ours"), show_progress=False)
+            import_hf(str(source), str(root / "ours"), show_progress=False)
             raw = json.loads((root / "ours" / "config.json").read_text())
             (root / "mesh.json").write_text(json.dumps(dict(raw, mesh=MESH)))
             cache[arch] = source, root / "mesh.json"
@@ -260,7 +261,8 @@ def training_config(tmp_path: Path, tasks: list[str]) -> Path:
 
 def test_training_logs_harness_metrics_every_val_every(tmp_path):
     tasks = [str(TASKS_DIR / "mc_tiny.yaml"), str(TASKS_DIR / "ppl_tiny.yaml")]
-    train(load_config(str(training_config(tmp_path, tasks))), TrainOptions(show_progress=False))
+    config = load_config(str(training_config(tmp_path, tasks)))
+    train(config, TrainOptions(show_progress=False), [harness_hook(config)])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     [evaluation] = [r for r in records if any(key.startswith("eval/") for key in r)]
     assert evaluation["step"] == 2
@@ -272,7 +274,7 @@ def test_a_bad_task_name_stops_training_before_anything_is_written(tmp_path):
     config = load_config(str(training_config(tmp_path, ["hellaswg"])))
     with pytest.raises(ConfigError, match=r"eval_harness_tasks: unknown lm-evaluation-harness task 'hellaswg' "
                                           r"\(close names: hellaswag"):
-        train(config, TrainOptions(show_progress=False))
+        train(config, TrainOptions(show_progress=False), [harness_hook(config)])
     assert not (tmp_path / "run").exists()
 
 
@@ -335,7 +337,8 @@ def test_evaluation_during_a_two_host_training_run_matches_one_host(tmp_path):
     tasks = [str(TASKS_DIR / "mc_tiny.yaml"), str(TASKS_DIR / "ppl_tiny.yaml"), str(TASKS_DIR / "gen_tiny.yaml")]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    train(load_config(str(training_config(one, tasks))), TrainOptions(show_progress=False))
+    config = load_config(str(training_config(one, tasks)))
+    train(config, TrainOptions(show_progress=False), [harness_hook(config)])
     run_processes(two_host_commands("device_train.py", "--config", str(training_config(two, tasks)), "--no-progress"),
                   devices=4, cwd=TASKS_DIR)
     evaluations = [[r for r in read_metrics(root / "run") if any(k.startswith("eval/") for k in r)]

@@ -10,7 +10,7 @@ import pytest
 
 from mesh_transformer import storage
 
-from mesh_transformer.training.checkpoint import Checkpointer
+from mesh_transformer.checkpoints.store import Checkpointer
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
 from mesh_transformer.cli.data import main as data_main
 from mesh_transformer.data.loader import TFRecordLoader
@@ -122,8 +122,8 @@ def test_training_from_and_to_a_bucket_resumes(tmp_path, gcs_bucket):
 def test_export_to_hugging_face_format_into_a_bucket(tmp_path, gcs_bucket):
     from transformers import GPTJForCausalLM
 
-    from mesh_transformer.config import parse_config
-    from mesh_transformer.convert.hf import export_to_hf
+    from mesh_transformer.models.registry import parse_config
+    from mesh_transformer.convert.hf_export import export_to_hf
     from mesh_transformer.models.transformer import Transformer
     from mesh_transformer.sharding import make_mesh
     from mesh_transformer.training.steps import Trainer

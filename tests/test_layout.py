@@ -1,4 +1,5 @@
-"""The package's shape: library modules never import the command line, and imports never form a cycle.
+"""The package's shape: library modules never import the command line, imports never form a cycle,
+and the package's parts (top-level modules and subpackages) import only parts of lower layers.
 
 Read statically from the source (every import, including those inside functions), so a lazy import
 that only hides a cycle from Python still counts.
@@ -7,6 +8,7 @@ that only hides a cycle from Python still counts.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = "mesh_transformer"
@@ -69,7 +71,7 @@ def _is_command_module(name: str) -> bool:
 def test_the_graph_sees_the_package():
     graph = import_graph()
     assert f"{PACKAGE}.training.run" in graph[f"{PACKAGE}.cli.train"]
-    assert f"{PACKAGE}.storage" in graph[f"{PACKAGE}.training.checkpoint"]
+    assert f"{PACKAGE}.storage" in graph[f"{PACKAGE}.checkpoints.store"]
 
 
 def test_no_library_module_imports_the_command_line():
@@ -123,3 +125,69 @@ def test_tests_mirror_the_packages():
     packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
     missing = sorted(name for name in packages if not any((tests / name).glob("test_*.py")))
     assert not missing, f"no tests/<package>/test_*.py for: {missing}"
+
+
+# The layers of the package, lowest first (docs/layout.md). A part is a top-level module or a subpackage;
+# a part may import parts of lower layers only, never one of its own layer or above. ``cli`` is on top,
+# with the ``python -m`` shims that only reach it.
+LAYERS = (
+    ("errors", "log", "storage", "hardware", "signals"),
+    ("tokenizer",),
+    ("config",),
+    ("sharding",),
+    ("models",),
+    ("data",),
+    ("checkpoints",),
+    ("training",),
+    ("inference",),
+    ("evaluation",),
+    ("serving",),
+    ("convert",),
+    ("plan",),
+    ("cluster",),
+    ("tpu",),
+    ("cli", "hf", "legacy"),
+)
+LAYER_OF = {part: level for level, parts in enumerate(LAYERS) for part in parts}
+
+
+def part_of(module: str) -> str:
+    """``mesh_transformer.models.layers`` -> ``models``; the package's own ``__init__`` is the part ``""``."""
+    return module.split(".")[1] if "." in module else ""
+
+
+def part_graph() -> dict[str, set[str]]:
+    """Which parts each part imports (``__main__`` shims, which run a command, left out)."""
+    graph: dict[str, set[str]] = {}
+    for name, deps in import_graph().items():
+        if name.endswith(".__main__"):
+            continue
+        graph.setdefault(part_of(name), set()).update(part_of(d) for d in deps if part_of(d) != part_of(name))
+    return graph
+
+
+def test_every_part_has_a_layer():
+    unplaced = sorted(part for part in part_graph() if part and part not in LAYER_OF)
+    assert not unplaced, f"add these to LAYERS in tests/test_layout.py and to docs/layout.md: {unplaced}"
+
+
+def test_parts_import_only_lower_layers():
+    upward = sorted(f"{part} imports {dep}" for part, deps in part_graph().items() if part in LAYER_OF
+                    for dep in deps if dep and dep in LAYER_OF and LAYER_OF[dep] >= LAYER_OF[part])
+    assert not upward, upward
+
+
+def test_the_package_root_imports_nothing_of_the_package():
+    assert not part_graph().get("", set()) - {""}
+
+
+def documented_layers() -> tuple[tuple[str, ...], ...]:
+    """The layers as docs/layout.md draws them (top first, in the code block under "## Layers"), lowest first."""
+    text = (ROOT.parent / "docs" / "layout.md").read_text()
+    block = text.split("## Layers", 1)[1].split("```", 2)[1]
+    rows = [re.split(r"\s{2,}", line.strip(), maxsplit=1)[0] for line in block.splitlines() if line.strip()]
+    return tuple(tuple(part.strip() for part in row.split(",")) for row in reversed(rows))
+
+
+def test_the_layer_table_is_the_one_documented():
+    assert documented_layers() == LAYERS

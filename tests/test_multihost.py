@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.config import load_config
+from mesh_transformer.checkpoints.store import Checkpointer
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.data.tfrecord import open_writer
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.steps import Trainer

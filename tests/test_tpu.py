@@ -47,7 +47,7 @@ def test_install_finds_the_checkout_through_the_package_path():
 def wheel(tmp_path_factory) -> Path:
     """A wheel built from a copy of the sources, so the build leaves nothing in the checkout."""
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, source / name)
     shutil.copytree(REPO / "mesh_transformer", source / "mesh_transformer",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -64,6 +64,15 @@ def test_a_wheel_carries_every_script_with_its_executable_bit(wheel):
     assert set(modes) == SCRIPTS
     for name, mode in modes.items():
         assert mode & stat.S_IXUSR == (setup_scripts_dir() / name).stat().st_mode & stat.S_IXUSR, name
+
+
+def test_a_wheel_installs_a_console_script_for_every_command_of_the_table(wheel):
+    from mesh_transformer.cli.commands import console_scripts
+
+    with zipfile.ZipFile(wheel) as archive:
+        [entry_points] = [name for name in archive.namelist() if name.endswith(".dist-info/entry_points.txt")]
+        listed = {line.replace(" ", "") for line in archive.read(entry_points).decode().splitlines() if "=" in line}
+    assert listed == {line.replace(" ", "") for line in console_scripts()}
 
 
 def test_an_installed_wheel_finds_its_scripts_and_install_asks_for_a_checkout(wheel, tmp_path):

@@ -16,8 +16,10 @@ import argparse
 import logging
 import sys
 
+from mesh_transformer.cli import one_line_errors
 from mesh_transformer.log import setup_logging
-from mesh_transformer.data.prepare import PrepareConfig, PrepareError, prepare_tfrecords
+from mesh_transformer.data.documents import PrepareError
+from mesh_transformer.data.prepare import PrepareConfig, prepare_tfrecords
 from mesh_transformer.data.sharded import ShardedConfig, prepare_sharded
 from mesh_transformer.tokenizer import TokenizerError
 
@@ -54,12 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Tokenize text documents and pack them into TFRecord files of seq-len + 1 token records.",
     )
+    add_prepare_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inputs, the output's name and every option; ``mtj-data prepare`` takes the same."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="a file, a folder searched recursively, a URL prefix or a glob")
-    parser.add_argument("name", help="one file NAME_{number of records}.tfrecords, or shards NAME-*.tfrecords")
+    parser.add_argument("name", help="one file NAME_{number of records}.tfrecords, or shards NAME-*.tfrecords; "
+                                     "and NAME.index")
     add_common_arguments(parser)
     add_sharding_arguments(parser)
-    return parser
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,25 +152,22 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     )
 
 
-def run_prepare(parser: argparse.ArgumentParser, args: argparse.Namespace, sharded: bool) -> int:
+@one_line_errors(PrepareError, TokenizerError, status=1, exits=True)
+def prepare(args: argparse.Namespace) -> int:
+    """One file and its index, or with ``wants_shards`` the sharded layout (``mtj-data prepare``)."""
     setup_logging()
     if args.verbose:
         # Only our own loggers: third-party debug output would bury the report of skipped documents.
         logging.getLogger("mesh_transformer").setLevel(logging.DEBUG)
-    try:
-        if sharded:
-            prepare_sharded(sharded_config_from_args(args))
-        else:
-            prepare_tfrecords(config_from_args(args))
-    except (PrepareError, TokenizerError) as e:
-        parser.exit(1, f"error: {e}\n")
+    if wants_shards(args):
+        prepare_sharded(sharded_config_from_args(args))
+    else:
+        prepare_tfrecords(config_from_args(args))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return run_prepare(parser, args, wants_shards(args))
+    return prepare(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mesh_transformer.cli.create_tfrecords import add_common_arguments, add_sharding_arguments, run_prepare
+from mesh_transformer.cli import one_line_errors
+from mesh_transformer.cli.create_tfrecords import add_prepare_arguments, prepare
 from mesh_transformer.data.loader import read_index
 from mesh_transformer.data.manifest import ManifestError, manifest_url, read_manifest, stats_text, verify
 from mesh_transformer.log import setup_logging
@@ -22,12 +23,9 @@ from mesh_transformer.log import setup_logging
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtj-data", description="Prepare, verify and count sharded tfrecord data.")
     commands = parser.add_subparsers(dest="command", required=True)
-    prepare = commands.add_parser("prepare", help="tokenize inputs into shards, a manifest and an index")
-    prepare.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="a file, a folder searched recursively, a URL prefix or a glob")
-    prepare.add_argument("name", help="shards are NAME-*.tfrecords, listed in NAME.index")
-    add_common_arguments(prepare)
-    add_sharding_arguments(prepare)
+    sharded_prepare = commands.add_parser("prepare", help="tokenize inputs into shards, a manifest and an index")
+    add_prepare_arguments(sharded_prepare)
+    sharded_prepare.set_defaults(sharded=True)  # create_finetune_tfrecords.py --sharded
     for name, text in (("verify", "re-read every shard and check it against the manifest"),
                        ("stats", "print the manifest's tables")):
         command = commands.add_parser(name, help=text)
@@ -52,17 +50,17 @@ def run_verify(index_url: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "prepare":
-        return run_prepare(parser, args, sharded=True)
+    args = parse_args(argv)
+    return prepare(args) if args.command == "prepare" else check(args)
+
+
+@one_line_errors(ManifestError, FileNotFoundError, ValueError, status=1, exits=True)
+def check(args: argparse.Namespace) -> int:
+    """``verify`` or ``stats``."""
     setup_logging()
-    try:
-        if args.command == "verify":
-            return run_verify(args.index)
-        print(stats_text(read_manifest(manifest_url(args.index))), end="")
-    except (ManifestError, FileNotFoundError, ValueError) as e:
-        parser.exit(1, f"error: {e}\n")
+    if args.command == "verify":
+        return run_verify(args.index)
+    print(stats_text(read_manifest(manifest_url(args.index))), end="")
     return 0
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 from mesh_transformer.log import setup_logging
 from mesh_transformer import storage
+from mesh_transformer.cli import one_line_errors
 from mesh_transformer.cli.create_tfrecords import main as create_tfrecords
-from mesh_transformer.config import load_config
+from mesh_transformer.errors import ConfigError, DataError
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.training.run import TrainOptions, train
 from mesh_transformer.inference.engine import load_generator
 from mesh_transformer.inference.text import SamplingParams
@@ -63,10 +65,8 @@ def prepare_data(data_dir: Path, seq: int, max_bytes: int) -> None:
     for name, subset in split.items():
         corpus = data_dir / "corpus" / f"{name}.jsonl"
         write_corpus(subset, corpus)
-        code = create_tfrecords([str(corpus), f"stdlib_{name}", "--output-dir", str(data_dir),
-                                 "--tokenizer", "bytes", "--seq-len", str(seq)])
-        if code:
-            raise SystemExit(code)
+        create_tfrecords([str(corpus), f"stdlib_{name}", "--output-dir", str(data_dir),
+                          "--tokenizer", "bytes", "--seq-len", str(seq)])
 
 
 def print_loss_summary(metrics_path: Path) -> None:
@@ -88,14 +88,19 @@ def print_sample(config_path: str, prompt: str, max_new_tokens: int, temperature
     print("-----------------------")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", default="demo_run", help="where data, checkpoints and metrics go")
     parser.add_argument("--steps", type=int, default=None, help="override total_steps")
     parser.add_argument("--corpus-mb", type=float, default=6.0, help="how much stdlib source to use")
     parser.add_argument("--prompt", default="import os\n\n\ndef ")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 samples greedily")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@one_line_errors(ConfigError, DataError)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     setup_logging()
     workdir = Path(args.workdir).resolve()
     raw = json.loads(DEMO_CONFIG.read_text())

@@ -24,10 +24,11 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import handle_non_serializable, make_table
 
 from mesh_transformer import storage
-from mesh_transformer.cli import add_distributed_arguments, add_model_arguments, join_distributed
+from mesh_transformer.cli import add_distributed_arguments, add_model_arguments, join_distributed, one_line_errors
 from mesh_transformer.log import setup_logging
-from mesh_transformer.config import ConfigError, load_config
+from mesh_transformer.config import ConfigError
 from mesh_transformer.evaluation import DEFAULT_BATCH_SIZE, MeshTransformerLM, check_task_names
+from mesh_transformer.models.registry import load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,21 +65,18 @@ def start_pools_without_fork() -> None:
     multiprocessing.set_start_method("forkserver", force=True)
 
 
+@one_line_errors(ConfigError, FileNotFoundError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
     start_pools_without_fork()
-    try:
-        join_distributed(args)
-        tasks = task_list(args.tasks)
-        task_manager = TaskManager(include_path=args.include_path)
-        check_task_names(tasks, task_manager, "--tasks")
-        lm = MeshTransformerLM(load_config(args.config), args.checkpoint, args.step, batch_size=args.batch_size)
-        results = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, num_fewshot=args.num_fewshot,
-                                  limit=args.limit, batch_size=args.batch_size, log_samples=args.log_samples)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    join_distributed(args)
+    tasks = task_list(args.tasks)
+    task_manager = TaskManager(include_path=args.include_path)
+    check_task_names(tasks, task_manager, "--tasks")
+    lm = MeshTransformerLM(load_config(args.config), args.checkpoint, args.step, batch_size=args.batch_size)
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, num_fewshot=args.num_fewshot,
+                              limit=args.limit, batch_size=args.batch_size, log_samples=args.log_samples)
     if jax.process_index() == 0:  # every host computed the same results; one reports them
         report(results, args.output)
     return 0

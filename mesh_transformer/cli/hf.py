@@ -1,7 +1,9 @@
 """``mtj-hf import|export`` (also ``python -m mesh_transformer.hf``): Hugging Face import and export.
 
     mtj-hf import --hf-path DIR_OR_HUB_NAME --output OUT_DIR
-    mtj-hf export ...   (same flags as to_hf_weights.py / mtj-to-hf)
+    mtj-hf export ...   (to_hf_weights.py / mtj-to-hf, cli/to_hf.py)
+
+The import is here; ``mtj-hf`` runs the subcommands the command table (cli/commands.py) lists for it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import ctypes
 import resource
 import sys
 
-from mesh_transformer.cli import to_hf
+from mesh_transformer.cli import one_line_errors
+from mesh_transformer.cli.commands import run_subcommand
 from mesh_transformer.config import ConfigError
-from mesh_transformer.convert.hf import ConversionError, import_hf
+from mesh_transformer.convert.hf_import import import_hf
+from mesh_transformer.errors import ConversionError
 from mesh_transformer.log import setup_logging
 
 
@@ -62,39 +66,21 @@ def peak_memory_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+@one_line_errors(ConfigError, ConversionError, FileNotFoundError)
 def import_main(argv: list[str] | None = None) -> int:
     args = parse_import_args(argv)
     setup_logging(args.log_level.upper())
     release_freed_buffers_at_once()
-    try:
-        summary = import_hf(args.hf_path, args.output, revision=args.revision, param_dtype=args.param_dtype,
-                            pad_vocab_multiple=args.pad_vocab_multiple, seed=args.seed,
-                            with_optimizer_state=args.with_optimizer_state, show_progress=not args.no_progress)
-    except (ConfigError, ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = import_hf(args.hf_path, args.output, revision=args.revision, param_dtype=args.param_dtype,
+                        pad_vocab_multiple=args.pad_vocab_multiple, seed=args.seed,
+                        with_optimizer_state=args.with_optimizer_state, show_progress=not args.no_progress)
     print(f"imported {args.hf_path} ({summary.architecture}) -> {summary.checkpoint_dir}; "
           f"config {summary.config_path}; peak memory {peak_memory_bytes() / 2**20:.0f} MiB")
     return 0
 
 
-def export_main(argv: list[str] | None = None) -> int:
-    return to_hf.main(argv)
-
-
-COMMANDS = {"import": import_main, "export": export_main}
-USAGE = "usage: mtj-hf {import,export} ...  (--help after the command for options)"
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["-h"], ["--help"]):
-        print(USAGE)
-        return 0
-    if not argv or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
+    return run_subcommand("mtj-hf", argv)
 
 
 if __name__ == "__main__":

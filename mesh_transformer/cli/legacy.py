@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mesh_transformer.config import ConfigError, MeshConfig, load_config
-from mesh_transformer.convert.legacy import LegacyCheckpointError
+from mesh_transformer.checkpoints.legacy import LegacyCheckpointError
+from mesh_transformer.config import ConfigError, MeshConfig
 from mesh_transformer.convert.native import convert_legacy_checkpoint
+from mesh_transformer.cli import one_line_errors
 from mesh_transformer.log import setup_logging
+from mesh_transformer.models.registry import load_config
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -27,21 +30,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors(LegacyCheckpointError, FileNotFoundError, FileExistsError)
+@one_line_errors(ConfigError, hint="--mp N sets the new mesh's tensor-parallel size")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
-    try:
-        config = load_config(args.config)
-        if args.mp is not None:
-            config = config.replace(mesh=MeshConfig(dp=-1, fsdp=1, mp=args.mp))
-        step = convert_legacy_checkpoint(args.input_ckpt, config, args.output_dir,
-                                         legacy_shards=args.legacy_shards)
-    except ConfigError as e:
-        print(f"error: {e} (--mp N sets the new mesh's tensor-parallel size)", file=sys.stderr)
-        return 2
-    except (LegacyCheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    if args.mp is not None:
+        config = config.replace(mesh=MeshConfig(dp=-1, fsdp=1, mp=args.mp))
+    step = convert_legacy_checkpoint(args.input_ckpt, config, args.output_dir, legacy_shards=args.legacy_shards)
     print(f"wrote step {step} to {args.output_dir}; fine-tune with: python device_train.py --config {args.config} "
           f"--tune-model-path {args.output_dir}")
     return 0

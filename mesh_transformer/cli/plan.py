@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from mesh_transformer.cli import one_line_errors
+from mesh_transformer.errors import ConfigError
 from mesh_transformer.log import setup_logging
 
 EXAMPLES = """examples:
@@ -101,7 +103,6 @@ FIX_HINT = ("  to fix: run again with --suggest (searches mesh, remat and micro-
 
 def _plan_as_given(config, target, searching: bool):
     """The config's own plan, or (when a search follows) None and why its mesh cannot run on the target."""
-    from mesh_transformer.config import ConfigError
     from mesh_transformer.plan import make_plan
 
     try:
@@ -131,20 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    from mesh_transformer.config import ConfigError, load_config
-    from mesh_transformer.plan import PlanError, global_sequences, suggest
+    from mesh_transformer.plan import PlanError
+
+    return one_line_errors(ConfigError, PlanError, FileNotFoundError)(plan_and_report)(args)
+
+
+def plan_and_report(args: argparse.Namespace) -> int:
+    """Plan the config (and search, with --suggest) and report; 0 when the config or a suggestion fits."""
+    from mesh_transformer.models.registry import load_config
+    from mesh_transformer.plan import suggest
 
     if args.write_config and not args.suggest:
-        print("error: --write-config needs --suggest", file=sys.stderr)
-        return 2
-    try:
-        config = load_config(args.config)
-        target = _target(args, config)
-        plan, problem = _plan_as_given(config, target, args.suggest)
-        suggestion = suggest(config, target) if args.suggest else None
-    except (ConfigError, PlanError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--write-config needs --suggest")
+    config = load_config(args.config)
+    target = _target(args, config)
+    plan, problem = _plan_as_given(config, target, args.suggest)
+    suggestion = suggest(config, target) if args.suggest else None
     if args.suggest and suggestion is None:
         print(f"error: no mesh, remat or micro-batch split of {args.config}'s global batch fits {target.name}; "
               "try a larger slice", file=sys.stderr)
@@ -156,19 +159,27 @@ def main(argv: list[str] | None = None) -> int:
             out["suggestion"] = suggestion.as_json() if suggestion else None
         print(json.dumps(out, indent=2))
     else:
-        if plan is None:
-            print(f"as given: {problem}")
-        else:
-            print(report(plan, f"plan for {args.config}"))
-        if plan is None or not plan.fits:
-            print(FIX_HINT)
-        if suggestion is not None:
-            print()
-            print(report(suggestion, f"suggested (fastest estimate that fits, same global batch of "
-                                 f"{global_sequences(config, target.devices)} sequences)"))
-            if args.write_config:
-                print(f"wrote {args.write_config}")
+        print_reports(args, config, target, (plan, problem), suggestion)
     return 0 if (plan is not None and plan.fits) or suggestion is not None else 1
+
+
+def print_reports(args: argparse.Namespace, config, target, as_given: tuple, suggestion) -> None:
+    """The text report of the config as given (or why it cannot run), the fix hint, and the suggestion."""
+    from mesh_transformer.plan import global_sequences
+
+    plan, problem = as_given
+    if plan is None:
+        print(f"as given: {problem}")
+    else:
+        print(report(plan, f"plan for {args.config}"))
+    if plan is None or not plan.fits:
+        print(FIX_HINT)
+    if suggestion is not None:
+        print()
+        print(report(suggestion, f"suggested (fastest estimate that fits, same global batch of "
+                                 f"{global_sequences(config, target.devices)} sequences)"))
+        if args.write_config:
+            print(f"wrote {args.write_config}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import subprocess
 import sys
 
 from mesh_transformer import storage
+from mesh_transformer.cli import one_line_errors
 from mesh_transformer.cluster import (
     RetryLimitExceeded,
     RetryPolicy,
@@ -35,8 +36,9 @@ from mesh_transformer.cluster import (
     tpu_attached,
     train_on_local_hosts,
 )
-from mesh_transformer.config import ConfigError, parse_config, read_config_dict
+from mesh_transformer.config import ConfigError, read_config_dict
 from mesh_transformer.log import setup_logging
+from mesh_transformer.models.registry import parse_config
 from mesh_transformer.tpu import (
     EXIT_CONFIG_ERROR,
     EXIT_GAVE_UP,
@@ -169,23 +171,19 @@ def run_tpu(args: argparse.Namespace, raw: dict) -> SupervisorReport:
     return train_on_slice(tpu, raw, args.config, train_options(args), retry_policy(args))
 
 
+@one_line_errors(ConfigError, status=EXIT_CONFIG_ERROR)
+@one_line_errors(RetryLimitExceeded, status=EXIT_GAVE_UP)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
+    raw = read_config(args.config)
     try:
-        raw = read_config(args.config)
         if args.tpu is not None:
             report = run_tpu(args, raw)
         else:
             if args.new:
                 clear_run(raw, args.config)
             report = run_local(args, raw)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except RetryLimitExceeded as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_GAVE_UP
     except subprocess.CalledProcessError as e:  # a tpu_setup script failed; it printed why
         print(f"error: {shlex.join(e.cmd)} exited with status {e.returncode}", file=sys.stderr)
         return 1

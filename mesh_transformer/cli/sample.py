@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from mesh_transformer.cli import add_model_arguments
+from mesh_transformer.cli import add_model_arguments, one_line_errors
 from mesh_transformer.log import setup_logging
-from mesh_transformer.config import ConfigError, load_config
+from mesh_transformer.config import ConfigError
 from mesh_transformer.inference.engine import Generator, load_generator
 from mesh_transformer.inference.text import MAX_TOP_LOGPROBS, Completion, SamplingParams
+from mesh_transformer.models.registry import load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -99,20 +100,17 @@ def interactive(generator: Generator, args: argparse.Namespace) -> None:
         print(f"completion done in {time.time() - started:.2f}s")
 
 
+@one_line_errors(ConfigError, FileNotFoundError, ValueError, KeyError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
-    try:
-        prompts = read_prompts(args)
-        sampling_params(args, args.seed)  # reject bad settings before loading the model
-        generator = load_generator(load_config(args.config), args.checkpoint, args.step, max_batch=args.max_batch)
-        if prompts:
-            run_batch(generator, args, prompts)
-        else:
-            interactive(generator, args)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prompts = read_prompts(args)
+    sampling_params(args, args.seed)  # reject bad settings before loading the model
+    generator = load_generator(load_config(args.config), args.checkpoint, args.step, max_batch=args.max_batch)
+    if prompts:
+        run_batch(generator, args, prompts)
+    else:
+        interactive(generator, args)
     return 0
 
 

@@ -11,11 +11,13 @@ import logging
 import os
 import sys
 
-from mesh_transformer.cli import add_model_arguments
+from mesh_transformer.cli import add_model_arguments, one_line_errors
 from mesh_transformer.log import setup_logging
-from mesh_transformer.config import ConfigError, load_config
+from mesh_transformer.config import ConfigError
 from mesh_transformer.inference.engine import load_generator
-from mesh_transformer.serving.server import ServerSettings, create_app
+from mesh_transformer.models.registry import load_config
+from mesh_transformer.serving.app import create_app
+from mesh_transformer.serving.service import ServerSettings
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "MTJ_API_KEY"
@@ -47,16 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors(ConfigError)
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
-    try:
-        config = load_config(args.config)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     if args.host not in LOOPBACK and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
                     args.host)

@@ -16,11 +16,14 @@ import logging
 import re
 import sys
 
+from mesh_transformer.checkpoints.store import BadCheckpoint
+from mesh_transformer.cli import one_line_errors
 from mesh_transformer.log import setup_logging
-from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.training.checkpoint import BadCheckpoint
-from mesh_transformer.convert.hf import (DEFAULT_MAX_SHARD_BYTES, LORA_EXPORTS, OUTPUT_DTYPES, ConversionError,
-                                        export_to_hf)
+from mesh_transformer.config import ConfigError
+from mesh_transformer.convert.hf_export import LORA_EXPORTS, OUTPUT_DTYPES, export_to_hf
+from mesh_transformer.convert.safetensors import DEFAULT_MAX_SHARD_BYTES
+from mesh_transformer.errors import ConversionError
+from mesh_transformer.models.registry import load_config
 
 log = logging.getLogger(__name__)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -59,19 +62,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors(ConfigError, ConversionError, BadCheckpoint, FileNotFoundError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level.upper())
     if args.cpu:
         log.info("--cpu has no effect: the export reads one tensor at a time on the host")
-    try:
-        config = load_config(args.config)
-        summary = export_to_hf(args.input_ckpt, config, args.output_path, dtype=args.dtype,
-                               max_shard_bytes=args.max_shard_size, show_progress=not args.no_progress,
-                               lora_export=args.lora, base_model=args.base_model)
-    except (ConfigError, ConversionError, BadCheckpoint, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    summary = export_to_hf(args.input_ckpt, config, args.output_path, dtype=args.dtype,
+                           max_shard_bytes=args.max_shard_size, show_progress=not args.no_progress,
+                           lora_export=args.lora, base_model=args.base_model)
     print(f"wrote {summary.architecture} ({summary.tensors} tensors, {summary.dtype}, "
           f"{len(summary.files)} file(s)) to {summary.output_dir}")
     return 0

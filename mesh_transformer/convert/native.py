@@ -1,8 +1,9 @@
 """Converted weights as a native checkpoint: step 0 of a run, ready to fine-tune from.
 
 Both conversions into our format (Hugging Face import, mesh-transformer-jax v1 checkpoints) end here,
-and the v1 conversion is driven from here, so that reading v1 checkpoints (``convert.legacy``, which
-inference uses) needs none of the training code.
+and the v1 conversion is driven from here, so that reading v1 checkpoints (``checkpoints.legacy``, which
+inference uses) needs none of the training code. The train state is built here, with the ``Trainer``;
+``checkpoints.params.write_step_zero`` writes it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from mesh_transformer.config import Config, check_mesh_fits, to_json_dict
-from mesh_transformer.convert.legacy import LegacyCheckpointError, read_legacy_checkpoint
-from mesh_transformer.data.loader import LoaderState
+from mesh_transformer.checkpoints.legacy import LegacyCheckpointError, read_legacy_checkpoint
+from mesh_transformer.checkpoints.params import write_step_zero
+from mesh_transformer.checkpoints.store import Checkpointer
+from mesh_transformer.config import Config
+from mesh_transformer.models.registry import to_json_dict
 from mesh_transformer.models.transformer import abstract_params
-from mesh_transformer.sharding import make_mesh
-from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.training.run import OPT_STATE_SAVED
+from mesh_transformer.sharding import check_mesh_fits, make_mesh
 from mesh_transformer.training.steps import StepGuard, Trainer
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,11 @@ def save_step_zero(trainer: Trainer, params: dict, seed: int, directory: str, me
     ``with_optimizer_state``.
 
     Without it the checkpoint is a third of the size and the save holds no optimizer state in memory;
-    the metadata says ``OPT_STATE_SAVED`` false, and training from it starts the same fresh optimizer
-    state itself. ``params`` are host arrays or arrays already on ``trainer``'s mesh. Consumes
-    ``params``: the dict is emptied once its arrays are on the devices, so that a host copy (24 GB for
-    GPT-J-6B in fp32) is freed before the save, unless the caller keeps other references. The metadata
-    records the beginning of the data, so ``directory`` also serves as a run directory that trains on
-    from here.
+    the metadata says so, and training from it starts the same fresh optimizer state itself. ``params``
+    are host arrays or arrays already on ``trainer``'s mesh. Consumes ``params``: the dict is emptied
+    once its arrays are on the devices, so that a host copy (24 GB for GPT-J-6B in fp32) is freed before
+    the save, unless the caller keeps other references. The metadata records the beginning of the data,
+    so ``directory`` also serves as a run directory that trains on from here.
     """
     # Each parameter goes straight onto its shards instead of onto one device first; arrays already
     # there stay as they are.
@@ -46,11 +46,9 @@ def save_step_zero(trainer: Trainer, params: dict, seed: int, directory: str, me
     if with_optimizer_state:
         state = trainer.state_from_params(placed, seed)
     else:
-        state, metadata = _state_without_optimizer(trainer, placed, seed), {**metadata, OPT_STATE_SAVED: False}
+        state = _state_without_optimizer(trainer, placed, seed)
     del placed  # the state holds the parameters now
-    # Uncompressed: compressing would hold a compressed copy of the model while it is written.
-    with Checkpointer(directory, async_save=False, compress=False) as checkpointer:
-        checkpointer.save(0, state, {"step": 0, "train_loader": LoaderState().to_dict(), **metadata}, force=True)
+    write_step_zero(directory, state, metadata, optimizer_state_saved=with_optimizer_state)
 
 
 def _state_without_optimizer(trainer: Trainer, params: dict, seed: int) -> dict:

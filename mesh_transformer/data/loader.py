@@ -37,11 +37,12 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import BinaryIO
+from typing import BinaryIO, get_args
 
 import numpy as np
 
 from mesh_transformer import storage
+from mesh_transformer.config import BadRecordPolicy
 from mesh_transformer.errors import DataError
 from mesh_transformer.data.tfrecord import (
     CorruptRecordError,
@@ -60,7 +61,7 @@ INDEX_DIR = "data"
 # Without the model's n_vocab, ids need only fit the int32 batches.
 _INT32_IDS = 2**31
 # What the loader does with a damaged record: end with an error, or log, count and pass over it.
-BAD_RECORD_POLICIES = ("stop", "skip")
+BAD_RECORD_POLICIES = get_args(BadRecordPolicy)
 # Seed-sequence tags keep the file-order and record-order random streams independent.
 _FILE_ORDER_STREAM = 0
 _RECORD_ORDER_STREAM = 1

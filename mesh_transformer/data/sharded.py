@@ -27,7 +27,6 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import BinaryIO
 
 import crc32c
 import numpy as np
@@ -46,16 +45,8 @@ from mesh_transformer.data.manifest import (
     read_manifest,
     unit_key,
 )
-from mesh_transformer.data.prepare import (
-    PrepareConfig,
-    PrepareError,
-    RecordPacker,
-    _normalizer,
-    _validate,
-    buffered_shuffle,
-    iter_documents_with_sets,
-    list_input_files,
-)
+from mesh_transformer.data.documents import PrepareError, iter_documents_with_sets, list_input_files
+from mesh_transformer.data.prepare import PrepareConfig, RecordPacker, buffered_shuffle, validate_config
 from mesh_transformer.data.tfrecord import encode_example, frame_record
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
 
@@ -138,7 +129,7 @@ def output_settings(config: ShardedConfig, files: list[str], tokenizer: Tokenize
 
 
 def _validate_sharded(config: ShardedConfig) -> None:
-    _validate(config)
+    validate_config(config)
     problems = []
     if config.shard_size_mb <= 0:
         problems.append(f"--shard-size-mb must be positive, got {config.shard_size_mb}")
@@ -232,7 +223,7 @@ class _UnitRun:
         counts.skipped += 1
 
     def _selected(self, documents: Iterable[tuple[str, str | None]]) -> Iterator[tuple[str, SetCounts]]:
-        normalize = _normalizer(self.config)
+        normalize = self.config.normalizer()
         for text, set_name in documents:
             key, reason = self._set_of(set_name)
             counts = self.record.sets.setdefault(key, SetCounts())

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mesh_transformer.checkpoints.params import load_params, param_shardings
 from mesh_transformer.config import Config, ModelConfig
 from mesh_transformer.inference.batching import Cache, DecodeBatch
 from mesh_transformer.inference.sampler import Choice, Controls, choose_tokens, host_controls, upload_controls
 from mesh_transformer.inference.text import Completion, SamplingParams, SequenceState
-from mesh_transformer.inference.weights import load_params, param_shardings
 from mesh_transformer.models.layers import init_cache
 from mesh_transformer.models.outputs import real_vocab_size
 from mesh_transformer.models.transformer import STACKED_LAYERS, Transformer, unstack_layers
@@ -187,7 +187,7 @@ class Generator:
 
 def load_generator(config: Config, checkpoint: str | None = None, step: int | None = None, *,
                    mesh: Mesh | None = None, max_batch: int = 8, context: int | None = None) -> Generator:
-    """A Generator for a config and its checkpoint (see ``weights.load_params``); models imported from
+    """A Generator for a config and its checkpoint (see ``checkpoints.params.load_params``); models imported from
     Hugging Face with ``python -m mesh_transformer.hf import`` are native checkpoints too."""
     mesh = mesh or make_mesh(config)
     params = load_params(config, checkpoint, step, mesh)

@@ -4,9 +4,6 @@ An architecture is one ``Architecture`` value: the config name (``"gptj"``), the
 defaults a config gets when it names the architecture, the values Hugging Face hard-codes
 (``Fixed``), the table from our parameters to Hugging Face tensors (``Rule``, ``Transform``) and the
 Hugging Face config reader and writer. ``models/registry.py`` lists them all.
-
-This module imports neither ``config`` nor ``models.transformer``: ``config`` imports the registry,
-and the transformer imports ``config``.
 """
 
 from __future__ import annotations
@@ -20,11 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mesh_transformer.config import ModelConfig
 from mesh_transformer.errors import ConfigError
 
-# The model section of a config (``mesh_transformer.config.ModelConfig``). Not imported, even for
-# type checking: config imports the registry, so the import would close a cycle.
-ModelConfig = Any
 # A ``transformers`` PretrainedConfig of the architecture's model type.
 HfConfig = Any
 

@@ -3,7 +3,7 @@
 ``attend`` is the reference: it writes out the (batch, heads, q, k) score matrix in float32, which
 is fastest on XLA:CPU and is what decoding with a KV cache uses everywhere. ``self_attention`` is
 what a sequence attending to itself (training, evaluation, prefill) calls; it runs the kernel the
-config's ``attention`` resolved to (``config.resolve_attention``):
+config's ``attention`` resolved to for the platform (``resolve_attention``, via ``for_platform``):
 
 - ``xla``: ``attend`` with a causal (or local) mask;
 - ``splash``: the Pallas TPU splash-attention kernel; ``splash_float32`` the same with float32
@@ -21,11 +21,15 @@ over dp/fsdp, heads over mp, as the logical-axis table says.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+
+from mesh_transformer.config import ModelConfig
+from mesh_transformer.errors import ConfigError
 from mesh_transformer.sharding import divisible_spec
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,49 @@ KERNELS = ("xla", "splash", "splash_float32", "splash_interpret", "cudnn")
 GLOBAL_WINDOW = 2**30  # a window no sequence reaches: plain causal attention
 # The splash kernel's tiles: the largest of these that divides the sequence (it needs 128 lanes).
 SPLASH_BLOCKS = (512, 256, 128)
+# Platforms whose matmuls are fast in bfloat16, where ``compute_dtype: auto`` means bfloat16.
+BF16_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")
+# TPU generations whose Pallas (Mosaic) compiler has no bfloat16 matmul: the kernel runs in float32.
+FLOAT32_KERNEL_TPUS = ("TPU v2", "TPU v3")
+
+
+def for_platform(m: ModelConfig, platform: str, device_kind: str = "") -> ModelConfig:
+    """``m`` with ``compute_dtype`` and ``attention`` resolved for a JAX platform (``tpu``, ``gpu``,
+    ``cpu``) and device kind (``jax.Device.device_kind``, e.g. ``"TPU v3"``)."""
+    dtype = resolve_compute_dtype(m.compute_dtype, platform)
+    return dataclasses.replace(m, compute_dtype=dtype,
+                               attention=resolve_attention(m.attention, platform, device_kind, dtype))
+
+
+def resolve_compute_dtype(requested: str, platform: str) -> str:
+    """The dtype matmuls run in: an explicit choice stays, ``auto`` is bfloat16 on accelerators."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if platform in BF16_PLATFORMS else "float32"
+
+
+def resolve_attention(requested: str, platform: str, device_kind: str, compute_dtype: str) -> str:
+    """The kernel (``KERNELS``) a model runs for a config's ``attention``.
+
+    ``auto`` is the fused kernel on GPUs (cuDNN, which takes bfloat16 only) and on TPUs from v4 on;
+    on v2/v3 the Pallas kernel would run its matmuls in float32, several times slower than XLA's
+    bfloat16 ones, so ``auto`` keeps XLA there and ``flash`` is for contexts XLA cannot fit.
+    Resolving twice changes nothing.
+    """
+    if requested not in ("auto", "flash"):
+        return requested
+    old_tpu = platform == "tpu" and device_kind.startswith(FLOAT32_KERNEL_TPUS)
+    gpu_float32 = platform not in ("tpu", "cpu") and compute_dtype != "bfloat16"
+    if requested == "auto" and (platform == "cpu" or old_tpu or gpu_float32):
+        return "xla"
+    if platform == "tpu":
+        return "splash_float32" if old_tpu else "splash"
+    if platform == "cpu":
+        return "splash_interpret"
+    if compute_dtype != "bfloat16":
+        raise ConfigError(f'config key "attention": "flash" on {platform} runs cuDNN\'s fused kernel, which needs '
+                          f'"compute_dtype": "bfloat16" (got {compute_dtype!r}); use "attention": "xla" for float32.')
+    return "cudnn"
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array, window: jax.Array) -> jax.Array:
@@ -152,7 +199,7 @@ def _per_shard(fn, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
     if mesh.empty:
         return fn(q, k, v, segment_ids)
     names = ("batch", "length", "act_heads", "head_dim")
-    # Key/value heads divide mp (config.check_mesh_fits), so each shard holds whole query groups.
+    # Key/value heads divide mp (sharding.check_mesh_fits), so each shard holds whole query groups.
     q_spec, kv_spec = divisible_spec(q.shape, names, mesh), divisible_spec(k.shape, names, mesh)
     segment_spec = None if segment_ids is None else divisible_spec(segment_ids.shape, names[:2], mesh)
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec), out_specs=q_spec,

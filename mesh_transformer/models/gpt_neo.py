@@ -11,8 +11,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from mesh_transformer.models.architecture import (LINEAR, Architecture, Fixed, HfConfig, ModelConfig, gpt_block,
-                                                  hf_activation, linear_rules, norm_rules, rule, untied)
+from mesh_transformer.config import ModelConfig
+from mesh_transformer.models.architecture import (LINEAR, Architecture, Fixed, HfConfig, gpt_block, hf_activation,
+                                                  linear_rules, norm_rules, rule, untied)
 
 
 def attention_types(kinds: Sequence[str]) -> list:

@@ -11,9 +11,10 @@ import json
 import re
 from typing import Any
 
+from mesh_transformer.config import ModelConfig
 from mesh_transformer.models.architecture import (ALL_GLOBAL, LINEAR, QKV_BIAS, QKV_WEIGHT, Architecture, Fixed,
-                                                  HfConfig, ModelConfig, gpt_block, hf_activation, linear_rules,
-                                                  norm_rules, refuse, rule, untied)
+                                                  HfConfig, gpt_block, hf_activation, linear_rules, norm_rules, refuse,
+                                                  rule, untied)
 
 QKV = tuple(f"blocks/attn/{p}_proj" for p in "qkv")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mesh_transformer.models.architecture import (ALL_GLOBAL, Architecture, Fixed, HfConfig, ModelConfig, gpt_block,
-                                                  hf_activation, linear_rules, norm_rules, refuse, rule)
+from mesh_transformer.config import ModelConfig
+from mesh_transformer.models.architecture import (ALL_GLOBAL, Architecture, Fixed, HfConfig, gpt_block, hf_activation,
+                                                  linear_rules, norm_rules, refuse, rule)
 
 
 def hf_config_kwargs(m: ModelConfig) -> dict[str, Any]:

@@ -16,8 +16,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from mesh_transformer.config import LoraConfig, ModelConfig, resolve_attention, resolve_compute_dtype
-from mesh_transformer.models.attention import attend, attention_mask, self_attention
+from mesh_transformer.config import LoraConfig, ModelConfig
+from mesh_transformer.models.attention import (attend, attention_mask, resolve_attention, resolve_compute_dtype,
+                                               self_attention)
 from mesh_transformer.models.lora import FusedQKVAdapter, adapted_dense_names, has_fused_qkv_adapter, low_rank_delta
 from mesh_transformer.sharding import constrain
 

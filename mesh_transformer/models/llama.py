@@ -14,8 +14,9 @@ import operator
 import re
 from typing import Any
 
-from mesh_transformer.models.architecture import (ALL_GLOBAL, LINEAR, Architecture, Fixed, HfConfig, ModelConfig,
-                                                  hf_activation, linear_rules, norm_rules, refuse, rule, untied)
+from mesh_transformer.config import ModelConfig
+from mesh_transformer.models.architecture import (ALL_GLOBAL, LINEAR, Architecture, Fixed, HfConfig, hf_activation,
+                                                  linear_rules, norm_rules, refuse, rule, untied)
 
 _QKV_BIAS = operator.attrgetter("qkv_bias")
 _OUT_BIAS = operator.attrgetter("out_bias")

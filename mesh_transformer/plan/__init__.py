@@ -15,14 +15,14 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mesh_transformer.config import Config, ConfigError, MeshConfig, check_mesh_fits
+from mesh_transformer.config import Config, ConfigError, MeshConfig
 from mesh_transformer.hardware import GIB, Accelerator
 from mesh_transformer.plan.estimate import StepEstimate, estimate_step
 from mesh_transformer.plan.memory import (MemoryBreakdown, analytic_memory, base_dtype, compile_step,
                                           resolved_model, state_shards)
 from mesh_transformer.plan.targets import (PlanError, Target, check_devices, parse_gpu, parse_target, parse_tpu,
                                            tpu_devices, usable_hbm_bytes)
-from mesh_transformer.sharding import MESH_AXES, resolve_mesh_shape
+from mesh_transformer.sharding import MESH_AXES, check_mesh_fits, resolve_mesh_shape
 
 __all__ = ["Plan", "PlanError", "Target", "intended_slice", "make_plan", "parse_gpu", "parse_target", "parse_tpu",
            "suggest"]

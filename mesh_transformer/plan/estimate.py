@@ -12,7 +12,7 @@ A LoRA run (``"lora"``) computes no weight gradients of its frozen base: its mod
 token instead of 6N (plus attention, unchanged), as the training MFU counts them for LoRA, and the
 gradient collectives and the optimizer update cover the adapters alone.
 
-Attention depends on the kernel (``config.resolve_attention``). The XLA path computes the whole
+Attention depends on the kernel (``models.attention.resolve_attention``). The XLA path computes the whole
 score matrix, masked half included, and moves it through HBM: the float32 scores written and read
 for the softmax, the probabilities (compute dtype) written and read for the weighted sum; in the
 backward pass the probabilities read, their float32 gradient written and read with them, and the
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from mesh_transformer.config import Config, ModelConfig
 from mesh_transformer.hardware import Accelerator
 from mesh_transformer.models.attention import SPLASH_BLOCKS
-from mesh_transformer.training.metrics import model_flops_per_token
+from mesh_transformer.models.flops import model_flops_per_token
 from mesh_transformer.plan.memory import StateShards, optimizer_slots, resolved_model, score_elements
 
 FLOAT32_MATMUL_SLOWDOWN = 3.0
@@ -86,12 +86,11 @@ def _ring_seconds(bytes_per_device: float, group: int, bandwidth: float, all_red
 
 
 def training_flops_per_token(config: Config, shards: StateShards, attention: bool = True) -> float:
-    """Model FLOPs per token (``training.metrics.model_flops_per_token``: 6N + 12 x layers x d_model x seq);
-    a LoRA step computes no weight gradients of its frozen base, so 4N (the adapters' own matmuls are
-    left out, as small). ``attention=False``: the dense part only."""
+    """Model FLOPs per token (``models.flops.model_flops_per_token``: 6N, or 4N for LoRA, + 12 x layers x
+    d_model x seq). ``attention=False``: the dense part only."""
     m = config.model
-    flops = model_flops_per_token(shards.non_embedding_params, m.layers if attention else 0, m.d_model, m.seq)
-    return flops - (2.0 * shards.non_embedding_params if shards.lora else 0.0)
+    return model_flops_per_token(shards.non_embedding_params, m.layers if attention else 0, m.d_model, m.seq,
+                                 lora=shards.lora)
 
 
 def estimate_step(config: Config, mesh_shape: dict[str, int], accelerator: Accelerator,

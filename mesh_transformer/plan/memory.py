@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig
 from mesh_transformer.hardware import Accelerator, accelerator_for_device_kind
 from mesh_transformer.models import lora
+from mesh_transformer.models.attention import for_platform
 from mesh_transformer.models.transformer import STACKED_LAYERS, Transformer, abstract_adapters, non_embedding_params
 from mesh_transformer.plan.targets import parse_available_hbm, parse_required_hbm
 from mesh_transformer.sharding import LOGICAL_AXIS_RULES, make_mesh
@@ -153,7 +154,7 @@ def batch_bytes(config: Config) -> float:
 
 def resolved_model(config: Config, accelerator: Accelerator) -> ModelConfig:
     """The model config as it runs on ``accelerator``: compute dtype and attention kernel resolved."""
-    return config.model.for_platform(accelerator.platform, accelerator.device_kinds[0])
+    return for_platform(config.model, accelerator.platform, accelerator.device_kinds[0])
 
 
 def score_elements(m: ModelConfig, rows: int, mp: int) -> float:

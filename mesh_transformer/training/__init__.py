@@ -1,1 +1,1 @@
-"""Training: the jitted steps, the training run, checkpoints and metrics."""
+"""Training: the jitted steps, the starting state, the training run and metrics."""

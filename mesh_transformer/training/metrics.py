@@ -217,19 +217,6 @@ def _start_tensorboard(log_dir: str):
 
 # ----- MFU accounting -----
 
-def model_flops_per_token(n_params: int, layers: int, d_model: int, seq: int) -> float:
-    """Training FLOPs per token: ``6*N + 12*layers*d_model*seq``.
-
-    ``N`` counts the non-embedding parameters, the lm_head included (the input embedding is a
-    lookup, the lm_head a matmul). Each such parameter costs 2 FLOPs in the forward pass and 4 in
-    the backward pass. Attention adds, per layer and token, the QK^T scores and the weighted sum of
-    V: 2 matmuls of 2*seq*d_model FLOPs forward, times 3 for forward+backward; the causal mask is
-    not discounted. This is the accounting of the PaLM paper (Chowdhery et al. 2022, appendix B),
-    so rematerialisation is not counted: it is model FLOPs, not hardware FLOPs.
-    """
-    return 6.0 * n_params + 12.0 * layers * d_model * seq
-
-
 _TABLE_DTYPES = ("bfloat16", "float16")
 
 

@@ -1,4 +1,9 @@
-"""The training run: wires config, mesh, data, train steps, checkpoints and metrics together.
+"""The training run: config, mesh, data, train steps, checkpoints and metrics, as a loop with hooks.
+
+The loop only steps. Everything else it does between steps is a hook (``training.hooks``): logging
+metrics (loss, tokens/s, MFU), validation, saving checkpoints, and whatever the caller adds (the command
+line adds the lm-evaluation-harness). Where a run starts (resume, fine-tune, LoRA, fresh) is decided in
+``training.start``.
 
 Resumes from the newest checkpoint in the run directory when there is one, so running the same
 command again after a crash, a preemption (SIGTERM) or Ctrl-C continues exactly where it stopped:
@@ -12,11 +17,8 @@ position is gathered into each checkpoint, and only process 0 writes metrics and
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
@@ -25,25 +27,26 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from mesh_transformer import storage
-from mesh_transformer.training.checkpoint import BadCheckpoint, Checkpointer, CheckpointSaveFailed, resolve_checkpoint
-from mesh_transformer.config import Config, ConfigError, to_json_dict
+from mesh_transformer.checkpoints.format import LORA_BASE, TRAIN_LOADER
+from mesh_transformer.checkpoints.store import Checkpointer, CheckpointSaveFailed
+from mesh_transformer.config import Config, ConfigError
 from mesh_transformer.data.loader import Batch, LoaderState, StreamPosition, TFRecordLoader, resolve_index
-from mesh_transformer.data.mixture import MixtureLoader, MixtureState, SourceState, loader_state_from_dict, train_loader
-from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
-from mesh_transformer.inference.weights import LORA_BASE, load_lora_base, lora_base_pointer
-from mesh_transformer.models import lora
+from mesh_transformer.data.mixture import MixtureLoader, MixtureState, SourceState, train_loader
+from mesh_transformer.models.flops import model_flops_per_token
 from mesh_transformer.models.outputs import real_vocab_size
+from mesh_transformer.models.registry import to_json_dict
 from mesh_transformer.models.transformer import non_embedding_params
 from mesh_transformer.sharding import any_process, data_parallel_size, make_mesh, on_any_process
-from mesh_transformer.tokenizer import load_tokenizer
-from mesh_transformer.training.steps import StepGuard, Trainer, TrainState, all_finite
+from mesh_transformer.signals import StopRequest
+from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
+from mesh_transformer.training.hooks import Every, Hook, Hooks, StepInfo
+from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu
+from mesh_transformer.training.start import starting_state
+from mesh_transformer.training.steps import Trainer, TrainState, all_finite
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-UNGUARDED_FIELDS = ("step", "params", "rng")  # what every checkpoint holds, old or new
-# Metadata key, false in checkpoints saved without an optimizer state (imports): training starts a fresh one.
-OPT_STATE_SAVED = "opt_state_saved"
 
 
 @dataclass(frozen=True)
@@ -65,59 +68,31 @@ class TrainingDiverged(RuntimeError):
     """Too many bad steps in a row, or a state that is no longer finite: going on would only waste time."""
 
 
-class StopRequest:
-    """Turns SIGTERM (TPU preemption) and Ctrl-C into a flag checked between steps (of training, or of
-    the pod launcher's retries); ``then`` tells the log what happens next."""
-
-    def __init__(self, then: str = "saving a checkpoint after this step, then exiting") -> None:
-        self.signal_name: str | None = None
-        self.then = then
-
-    def __bool__(self) -> bool:
-        return self.signal_name is not None
-
-    @contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def handle(signum, _frame):
-            self.signal_name = signal.Signals(signum).name
-            log.warning("%s received: %s", self.signal_name, self.then)
-
-        for s in previous:
-            signal.signal(s, handle)
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+# A function of the run, called once its mesh exists and before it writes anything, that makes a hook.
+HookFactory = Callable[["TrainingRun"], Hook]
 
 
-def _real_vocab_size(config: Config) -> int | None:
-    """The tokenizer's vocabulary size, so the loss never gives probability to padded ids."""
+def load_run_tokenizer(config: Config) -> Tokenizer | None:
+    """The config's tokenizer, loaded once per run; None (with a warning saying what is skipped) if it
+    cannot be loaded."""
     try:
-        tokenizer = load_tokenizer(config.run.tokenizer)
+        return load_tokenizer(config.run.tokenizer)
     except Exception as e:  # the tokenizer is optional for training; say clearly what is skipped
         log.warning("could not load tokenizer %r (%s); padded vocabulary ids will not be masked in the loss",
                     config.run.tokenizer, e)
         return None
-    return real_vocab_size(tokenizer, config.model.n_vocab, config.source)
 
 
-def document_eos(config: Config) -> int | None:
+def document_eos(config: Config, tokenizer: Tokenizer | None) -> int | None:
     """The token that ends each packed document, when documents must not attend to each other."""
     if not config.train.reset_attention_at_eos:
         return None
     if config.train.eos_token_id is not None:
         return config.train.eos_token_id
-    try:
-        eos = load_tokenizer(config.run.tokenizer).eos_token_id
-    except Exception as e:
+    if tokenizer is None:
         raise ConfigError(f"{config.source}: reset_attention_at_eos needs the EOS id: tokenizer "
-                          f"{config.run.tokenizer!r} could not be loaded ({e}); set eos_token_id") from None
+                          f"{config.run.tokenizer!r} could not be loaded; set eos_token_id")
+    eos = tokenizer.eos_token_id
     if not 0 <= eos < config.model.n_vocab:
         raise ConfigError(f"{config.source}: reset_attention_at_eos: tokenizer {config.run.tokenizer!r} ends "
                           f"documents with id {eos}, outside n_vocab ({config.model.n_vocab}); set eos_token_id")
@@ -135,32 +110,43 @@ def local_row_block(sharding: jax.sharding.Sharding, global_shape: tuple[int, ..
     return start, stop
 
 
-def _harness_evaluator(config: Config, mesh):
-    """The lm-evaluation-harness runner when the config lists eval_harness_tasks (it checks their names now)."""
-    if not config.run.eval_harness_tasks:
-        return None
-    from mesh_transformer.evaluation import TrainingEvaluator  # lm-eval is optional: imported only when used
-
-    return TrainingEvaluator(config, mesh)
-
-
 class TrainingRun:
-    def __init__(self, config: Config, options: TrainOptions = TrainOptions()):
+    def __init__(self, config: Config, options: TrainOptions = TrainOptions(), hooks: Sequence[HookFactory] = ()):
+        """``hooks`` are made once the mesh exists and before anything is written (so a hook that checks
+        its settings, like the harness's task names, stops a bad run first); they run after the run's own
+        metrics and validation hooks, in order, and before its checkpoint is saved."""
         if not config.run.checkpoint_dir:
             raise ConfigError(f"{config.source}: set model_dir (and optionally bucket) to say where checkpoints go.")
         if not config.run.train_set:
             raise ConfigError(f"{config.source}: set train_set to an index file listing the training tfrecords.")
         self.config, self.options = config, options
         self.mesh = make_mesh(config)
-        self.harness = _harness_evaluator(config, self.mesh)  # before anything is written: bad task names stop here
-        self.trainer = Trainer(config, self.mesh, real_vocab=_real_vocab_size(config),
-                               document_eos=document_eos(config))
+        callers_hooks = [make(self) for make in hooks]
+        tokenizer = load_run_tokenizer(config)
+        real_vocab = None if tokenizer is None else real_vocab_size(tokenizer, config.model.n_vocab, config.source)
+        self.trainer = Trainer(config, self.mesh, real_vocab=real_vocab, document_eos=document_eos(config, tokenizer))
         self.run_dir = config.run.checkpoint_dir
         self.checkpointer = Checkpointer(self.run_dir, keep_last=config.train.keep_last,
                                          keep_every=config.train.keep_every)
         self.metrics = MetricsLogger(storage.join(self.run_dir, METRICS_FILE), primary=jax.process_index() == 0,
                                      wandb_project=config.run.wandb_project, wandb_name=config.run.name,
                                      tensorboard_dir=config.run.tensorboard_dir, config=to_json_dict(config))
+        self.hooks = Hooks()
+        self.add_hook(self._log_metrics, every=config.train.log_every, at_final=True, needs_metrics=True)
+        if config.run.val_set and config.train.val_batches:
+            self.add_hook(self._log_validation, every=config.train.val_every)
+        for hook in callers_hooks:
+            self.add_hook(hook)
+        # Run after every other hook, so that a checkpoint covers all the metrics logged at its step.
+        self.checkpointing = CheckpointHook(self)
+
+    def add_hook(self, hook: Hook | Callable[[StepInfo], None], every: int | None = None, *, at_final: bool = False,
+                 needs_metrics: bool = False) -> None:
+        """A ``Hook``, or a function of ``StepInfo`` run after every ``every``-th step (and after the last
+        one if ``at_final``)."""
+        if every is not None:
+            hook = Every(hook, every, at_final=at_final, needs_metrics=needs_metrics)
+        self.hooks.add(hook)
 
     # ----- sizes -----
     @property
@@ -195,94 +181,11 @@ class TrainingRun:
 
     # ----- state -----
     def _initial_state(self) -> tuple[TrainState, LoaderState | MixtureState | None]:
-        if self.checkpointer.latest_step() is not None:
-            latest, (state, meta), passed_over = self.checkpointer.restore_newest(self._resumable_state)
-            if passed_over:  # moved, not deleted: saving their steps again must work, and keep_last not count them
-                self.checkpointer.set_aside(passed_over)
-            log.info("resuming from %s step %d", self.run_dir, latest)
-            self.metrics.truncate_after(latest)
-            # Checkpoints written by conversions (HF import, legacy) carry no data position: start fresh.
-            saved_position = meta.get("train_loader")
-            return state, loader_state_from_dict(saved_position) if saved_position else None
-        if self.config.lora is not None:
-            return self._lora_start(), None
-        if self.options.tune_model_path:
-            return self._fine_tune_start(), None
-        log.info("starting a new run in %s", self.run_dir)
-        return self.trainer.init_state(self.config.train.seed), None
-
-    def _lora_start(self) -> TrainState:
-        """Fresh adapters on the base named by ``--tune-model-path``, which every checkpoint will point to."""
-        if not self.options.tune_model_path:
-            raise ConfigError(f'{self.config.source}: "lora" trains adapters on a base model: pass its checkpoint '
-                              "with --tune-model-path (a run or step_N directory, an HF import, or a "
-                              "mesh-transformer-jax checkpoint).")
-        self.lora_base = lora_base_pointer(self.options.tune_model_path)
-        log.info("LoRA: training adapters on the frozen base %s (step %s)", self.lora_base["path"],
-                 self.lora_base["step"])
-        base = load_lora_base(self.config, self.lora_base, self.mesh)
-        return self.trainer.state_from_params(base, self.config.train.seed)
-
-    def _fine_tune_start(self) -> TrainState:
-        source_dir, step = resolve_checkpoint(self.options.tune_model_path)
-        log.info("fine-tuning from %s step %d (schedule restarts at 0%s)", source_dir, step,
-                 ", fresh optimizer state" if self.options.fresh_opt else "")
-        abstract = self.trainer.abstract_state()
-        with Checkpointer(source_dir) as source:
-            if self.options.fresh_opt:
-                restored, _ = source.restore(abstract, step, restore_keys=("params",))
-                return self.trainer.state_from_params(restored["params"], self.config.train.seed)
-            else:
-                state, _ = self._restored_state(source, step)
-        # A fine-tune starts a new run: its own step count and its own loss history for spike detection.
-        return state.replace(step=jax.device_put(np.int32(0), abstract.step.sharding), guard=self._fresh_guard())
-
-    def _fresh_guard(self) -> StepGuard:
-        return jax.device_put(StepGuard.fresh(), self.trainer.state_shardings().guard)
-
-    def _resumable_state(self, step: int) -> tuple[TrainState, dict]:
-        """The state saved as ``step``; ``BadCheckpoint`` if it is damaged or training cannot go on from it."""
-        state, meta = self._restored_state(self.checkpointer, step)
-        if not bool(all_finite((state.params, state.opt_state))):
-            # Only versions that saved non-finite states wrote these: every step from it would be skipped.
-            raise BadCheckpoint(self.run_dir, step, "its parameters or optimizer state are not finite")
-        return state, meta
-
-    def _restored_state(self, checkpointer: Checkpointer, step: int) -> tuple[TrainState, dict]:
-        """The train state saved as ``step``, and its metadata.
-
-        Checkpoints written before bad steps were skipped hold no ``guard``: they get a fresh one; those
-        written without an optimizer state (``OPT_STATE_SAVED`` false) get a fresh optimizer state.
-        """
-        abstract = self.trainer.abstract_state()
-        restored, meta = checkpointer.restore(abstract, step, restore_keys=UNGUARDED_FIELDS)
-        if meta.get(OPT_STATE_SAVED, True):
-            restored["opt_state"] = checkpointer.restore(abstract, step, restore_keys=("opt_state",))[0]["opt_state"]
-        else:
-            log.info("checkpoint step %d in %s holds no optimizer state: starting a fresh one", step,
-                     checkpointer.directory)
-            init = jax.jit(self.trainer.optimizer.init, out_shardings=self.trainer.state_shardings().opt_state)
-            restored["opt_state"] = init(restored["params"])
-        try:
-            guard = checkpointer.restore(abstract, step, restore_keys=("guard",))[0]["guard"]
-        except BadCheckpoint:
-            raise
-        except ValueError:  # no guard was saved
-            log.info("checkpoint step %d in %s predates bad-step tracking: starting its count at 0",
-                     step, checkpointer.directory)
-            guard = self._fresh_guard()
-        state = TrainState(**restored, guard=guard)
-        if self.config.lora is not None:
-            state = state.replace(frozen=self._lora_base_of(meta, checkpointer, step))
-        return state, meta
-
-    def _lora_base_of(self, meta: dict, checkpointer: Checkpointer, step: int):
-        """The base a LoRA checkpoint points to, loaded again (checksums verified, as any restore)."""
-        if LORA_BASE not in meta:
-            raise ConfigError(f'{self.config.source}: has "lora", but checkpoint step {step} in '
-                              f"{checkpointer.directory} is not a LoRA run's (no {LORA_BASE!r} in its metadata).")
-        self.lora_base = meta[LORA_BASE]
-        return load_lora_base(self.config, self.lora_base, self.mesh)
+        start = starting_state(self.trainer, self.checkpointer, self.options.tune_model_path, self.options.fresh_opt)
+        if start.resumed_step is not None:
+            self.metrics.truncate_after(start.resumed_step)
+        self.lora_base = start.lora_base
+        return start.state, start.loader_state
 
     # ----- data -----
     def _train_loader(self, state: LoaderState | MixtureState | None) -> TFRecordLoader | MixtureLoader:
@@ -342,7 +245,7 @@ class TrainingRun:
                                    f"{self._newest_checkpoint_line()}")
         self.metrics.flush()  # object stores buffer metric lines; never lose those a checkpoint covers
         loader_state = self._gathered_loader_state(loader)
-        meta = {"train_loader": loader_state.to_dict(), "step": step, "config": to_json_dict(self.config)}
+        meta = {TRAIN_LOADER: loader_state.to_dict(), "step": step, "config": to_json_dict(self.config)}
         if state.frozen is not None:  # a LoRA run: the adapters only, and where the base is
             state, meta[LORA_BASE] = state.replace(frozen=None), self.lora_base
         self.checkpointer.save(step, state, meta, force=force)
@@ -354,23 +257,15 @@ class TrainingRun:
         if start >= cfg.total_steps:
             log.info("already at step %d of %d: nothing to do", start, cfg.total_steps)
             return TrainResult(start, start, False, None)
-        train_step, eval_step = self.trainer.jit_train_step(), self.trainer.jit_eval_step()
-        model_params = state.params if state.frozen is None else state.frozen
-        flops_per_token = model_flops_per_token(non_embedding_params(model_params), self.config.model.layers,
-                                                self.config.model.d_model, self.config.model.seq)
-        if state.frozen is not None:  # LoRA: no weight gradients of the frozen base, 4N not 6N (plan/estimate.py)
-            flops_per_token -= 2.0 * non_embedding_params(state.frozen)
-        peak, peak_source = device_peak_flops(jax.devices()[0])
-        log.info(self.trainer.precision_policy())
-        log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
-                 dict(self.mesh.shape), self.global_batch, cfg.gradient_accumulation_steps, flops_per_token,
-                 peak, peak_source)
-        stop, stopping, last_loss, step, save_due = StopRequest(), False, None, start, False
-        self._skipped_seen = int(state.guard.skipped)
-        bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True,
-                   disable=not self.options.show_progress or jax.process_index() != 0)
-        with self._train_loader(loader_state) as loader, stop.installed(), bar:
-            tick, tick_step = time.perf_counter(), start
+        train_step = self.trainer.jit_train_step()
+        self._eval_step = self.trainer.jit_eval_step()
+        self._describe_start(state)
+        stop, stopping, step = StopRequest(), False, start
+        self._skipped_seen, self._last_logged, self.last_loss = int(state.guard.skipped), (start, 0.0), None
+        self._bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True,
+                         disable=not self.options.show_progress or jax.process_index() != 0)
+        with self._train_loader(loader_state) as loader, stop.installed(), self._bar:
+            began = time.perf_counter()
             while step < cfg.total_steps and not stopping:
                 state, metrics = train_step(state, *self._to_device(next(loader)))
                 step += 1
@@ -379,41 +274,65 @@ class TrainingRun:
                 stopping, save_failed = on_any_process(bool(stop), failure is not None)
                 if save_failed:
                     self._stop_after_failed_save(failure)
-                bar.update(1)
-                logging_step = step % cfg.log_every == 0 or step == cfg.total_steps
-                save_due = save_due or step % cfg.ckpt_every == 0 or step == cfg.total_steps or stopping
-                if logging_step or save_due:
-                    metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
-                    self._check_bad_steps(step, metrics)
-                if logging_step:
-                    elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-                    tokens_per_sec = self.tokens_per_step * (step - tick_step) / elapsed
-                    tick_step, last_loss = step, metrics["loss"]
-                    record = {f"train/{k}": v for k, v in metrics.items() if k != "bad_streak"}
-                    record["train/tokens_per_sec"] = tokens_per_sec
-                    record["train/mfu"] = mfu(tokens_per_sec, flops_per_token, jax.device_count(), peak)
-                    if cfg.bad_records == "skip":
-                        record["train/skipped_records"] = self._skipped_records(loader)
-                    if isinstance(loader, MixtureLoader):
-                        record.update({f"train/tokens_{name}": n for name, n in loader.tokens_seen().items()})
-                    self.metrics.log(step, record)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
-                                    mfu=f"{record['train/mfu']:.1%}")
-                if step % cfg.val_every == 0:
-                    paused = time.perf_counter()
-                    self._evaluate(step, state, eval_step)
-                    tick += time.perf_counter() - paused  # evaluation time is not training throughput
-                if save_due and metrics["bad_streak"] == 0:
-                    self._save(state, loader, force=stopping)
-                    save_due = False
+                self._bar.update(1)
+                info = StepInfo(step, state, loader, final=step == cfg.total_steps, stopping=stopping,
+                                train_seconds=0.0)
+                self._run_hooks(info, metrics, began)
         self.checkpointer.wait()
-        if save_due:
+        if self.checkpointing.pending:
             log.warning("step %d not saved: the last %d steps were skipped as bad. %s", step,
-                        metrics["bad_streak"], self._newest_checkpoint_line())
+                        self._last_metrics["bad_streak"], self._newest_checkpoint_line())
         if stopping:
             log.warning("stopped by %s at step %d; run the same command to resume",
                         stop.signal_name or "a signal to another process", step)
-        return TrainResult(start, step, stopping, last_loss)
+        return TrainResult(start, step, stopping, self.last_loss)
+
+    def _run_hooks(self, info: StepInfo, metrics: dict, began: float) -> None:
+        """The hooks due after ``info.step``, the checkpoint last. When one of them reads the metrics,
+        they are copied to the host (which waits for the step) and the bad-step count is checked first."""
+        due = self.hooks.due(info) + ([self.checkpointing] if self.checkpointing.due(info) else [])
+        if any(hook.needs_metrics for hook in due):
+            info.metrics = self._last_metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+            self._check_bad_steps(info.step, info.metrics)
+        info.train_seconds = time.perf_counter() - began - self.hooks.seconds
+        with self.hooks.timed():
+            for hook in due:
+                hook(info)
+
+    def _describe_start(self, state: TrainState) -> None:
+        """Log the precision, the mesh, the batch and the FLOP figures the MFU is computed from."""
+        cfg = self.config.train
+        model_params = state.params if state.frozen is None else state.frozen
+        self._flops_per_token = model_flops_per_token(non_embedding_params(model_params), self.config.model.layers,
+                                                      self.config.model.d_model, self.config.model.seq,
+                                                      lora=state.frozen is not None)
+        self._peak, peak_source = device_peak_flops(jax.devices()[0])
+        log.info(self.trainer.precision_policy())
+        log.info("mesh %s, global batch %d x %d micro-batches, %.3g model FLOPs/token, peak %.3g FLOP/s/device (%s)",
+                 dict(self.mesh.shape), self.global_batch, cfg.gradient_accumulation_steps, self._flops_per_token,
+                 self._peak, peak_source)
+
+    # ----- the run's own hooks -----
+    def _log_metrics(self, info: StepInfo) -> None:
+        """Loss and the other step metrics, tokens/s and MFU since the last record, data counters."""
+        logged_step, logged_seconds = self._last_logged
+        tokens_per_sec = self.tokens_per_step * (info.step - logged_step) / (info.train_seconds - logged_seconds)
+        self._last_logged, self.last_loss = (info.step, info.train_seconds), info.metrics["loss"]
+        record = {f"train/{k}": v for k, v in info.metrics.items() if k != "bad_streak"}
+        record["train/tokens_per_sec"] = tokens_per_sec
+        record["train/mfu"] = mfu(tokens_per_sec, self._flops_per_token, jax.device_count(), self._peak)
+        if self.config.train.bad_records == "skip":
+            record["train/skipped_records"] = self._skipped_records(info.loader)
+        if isinstance(info.loader, MixtureLoader):
+            record.update({f"train/tokens_{name}": n for name, n in info.loader.tokens_seen().items()})
+        self.metrics.log(info.step, record)
+        self._bar.set_postfix(loss=f"{self.last_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}",
+                              mfu=f"{record['train/mfu']:.1%}")
+
+    def _log_validation(self, info: StepInfo) -> None:
+        val = self.validate(info.state.params, self._eval_step, info.state.frozen)
+        self.metrics.log(info.step, val)
+        log.info("step %d: %s", info.step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
 
     def _check_bad_steps(self, step: int, metrics: dict) -> None:
         """Log steps skipped since the last check; stop once ``max_consecutive_bad_steps`` came in a row.
@@ -464,25 +383,35 @@ class TrainingRun:
             return f"No checkpoint in {self.run_dir}."
         return f"The newest checkpoint is step {latest} in {self.run_dir}."
 
-    def _evaluate(self, step: int, state: TrainState, eval_step) -> None:
-        """The validation loss and the config's harness tasks, logged at ``step``."""
-        if self.config.run.val_set and self.config.train.val_batches:
-            val = self.validate(state.params, eval_step, state.frozen)
-            self.metrics.log(step, val)
-            log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        if self.harness is not None:
-            params = state.params
-            if state.frozen is not None:  # the harness runs the plain model: on a merged copy of the base
-                params = jax.jit(lora.merge, static_argnums=2)(state.frozen, state.params, self.trainer.model_config)
-            self.metrics.log(step, self.harness.evaluate(params))
-
     def close(self) -> None:
         self.checkpointer.close()
         self.metrics.close()
 
 
-def train(config: Config, options: TrainOptions = TrainOptions()) -> TrainResult:
-    run = TrainingRun(config, options)
+class CheckpointHook:
+    """Saves the state every ``ckpt_every`` steps, at the last step and when the run stops. A save that
+    falls on a step skipped as bad waits for the next good step (a skipped step changes nothing, but the
+    streak may end in a stop, and then the newest checkpoint is the one to resume from)."""
+
+    needs_metrics = True
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run, self.pending = run, False
+
+    def due(self, info: StepInfo) -> bool:
+        self.pending = (self.pending or info.step % self.run.config.train.ckpt_every == 0 or info.final
+                        or info.stopping)
+        return self.pending
+
+    def __call__(self, info: StepInfo) -> None:
+        if info.metrics["bad_streak"] == 0:
+            self.run._save(info.state, info.loader, force=info.stopping)
+            self.pending = False
+
+
+def train(config: Config, options: TrainOptions = TrainOptions(), hooks: Sequence[HookFactory] = ()) -> TrainResult:
+    """Train ``config`` to its total_steps (resuming where it stopped); ``hooks`` as in ``TrainingRun``."""
+    run = TrainingRun(config, options, hooks)
     try:
         return run.run()
     finally:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer.config import Config, ModelConfig, OptimizerConfig, TrainConfig
 from mesh_transformer.models import lora
+from mesh_transformer.models.attention import for_platform
 from mesh_transformer.models.outputs import token_logprobs
 from mesh_transformer.models.transformer import (STACKED_LAYERS, Block, Transformer, abstract_adapters, abstract_params,
                                                  default_positions, document_layout, layer_windows)
@@ -185,7 +186,7 @@ class Trainer:
     def model_config(self) -> ModelConfig:
         """The model config with ``compute_dtype`` and ``attention`` resolved for the mesh's devices, and
         the config's LoRA adapters, if any."""
-        resolved = self.config.model.for_platform(mesh_platform(self.mesh), mesh_device_kind(self.mesh))
+        resolved = for_platform(self.config.model, mesh_platform(self.mesh), mesh_device_kind(self.mesh))
         return dataclasses.replace(resolved, lora=self.config.lora)
 
     @property

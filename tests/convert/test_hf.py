@@ -20,10 +20,16 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from mesh_transformer.convert import hf
+from mesh_transformer.checkpoints.store import Checkpointer
+from mesh_transformer.convert.hf_config import config_to_hf, hf_config_to_model_config
+from mesh_transformer.convert.hf_export import export_to_hf
+from mesh_transformer.convert.hf_import import import_hf
 from mesh_transformer.convert.safetensors import INDEX_FILE, cast_for_export
-from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.config import Config, ConfigError, ModelConfig, load_config, parse_config
+from mesh_transformer.convert.tensor_table import expected_param_shapes
+from mesh_transformer.convert.tokenizer_files import save_tokenizer_files
+from mesh_transformer.errors import ConversionError
+from mesh_transformer.config import Config, ConfigError, ModelConfig
+from mesh_transformer.models.registry import load_config, parse_config
 from mesh_transformer.models.transformer import Transformer
 from mesh_transformer.inference.engine import Generator
 from mesh_transformer.inference.text import SamplingParams
@@ -153,7 +159,7 @@ def test_export_gptj_logits_and_greedy_match_transformers(tmp_path, shape):
     tokenizer = write_tokenizer(tmp_path / "tok", vocab_size=61)  # real vocabulary 61, padded to 64
     config = native_config(tmp_path / "run", str(tokenizer), n_vocab=64, seq=64, **shape)
     params = write_native_checkpoint(config, seed=1)
-    summary = hf.export_to_hf(str(tmp_path / "run"), config, str(tmp_path / "out"), dtype="fp32", show_progress=False)
+    summary = export_to_hf(str(tmp_path / "run"), config, str(tmp_path / "out"), dtype="fp32", show_progress=False)
     assert summary.architecture == "GPTJForCausalLM"
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
@@ -211,7 +217,7 @@ def imported(tmp_path_factory):
         if case not in cache:
             root = tmp_path_factory.mktemp(case)
             source = save_hf_model(root / "hf", IMPORT_CASES[case](), seed=3, tokenizer_vocab=60)
-            summary = hf.import_hf(str(source), str(root / "ours"), show_progress=False)
+            summary = import_hf(str(source), str(root / "ours"), show_progress=False)
             assert Path(summary.config_path) == root / "ours" / "config.json"
             cache[case] = source, transformers.AutoModelForCausalLM.from_pretrained(str(source)), root / "ours"
         return cache[case]
@@ -256,7 +262,7 @@ def test_training_from_an_import_starts_a_fresh_optimizer_and_its_first_loss_is_
     raw = json.loads((output / "config.json").read_text())
     raw.update(model_dir=str(tmp_path / "run"), train_set=str(tmp_path / "train.index"), total_steps=1,
                gradient_accumulation_steps=1, mesh={"dp": 2, "fsdp": 1, "mp": 4})
-    with caplog.at_level("INFO", logger="mesh_transformer.training.run"):
+    with caplog.at_level("INFO", logger="mesh_transformer.checkpoints.format"):
         result = train(parse_config(raw, source="finetune"),
                        TrainOptions(tune_model_path=str(output / "checkpoint"), show_progress=False))
     assert "holds no optimizer state: starting a fresh one" in caplog.text
@@ -272,7 +278,7 @@ def test_training_from_an_import_starts_a_fresh_optimizer_and_its_first_loss_is_
 def test_round_trip_import_export_reproduces_every_tensor_exactly(imported, case, tmp_path):
     source, _, output = imported(case)
     config = load_config(str(output / "config.json"))
-    hf.export_to_hf(str(output / "checkpoint"), config, str(tmp_path / "back"), dtype="fp32", show_progress=False)
+    export_to_hf(str(output / "checkpoint"), config, str(tmp_path / "back"), dtype="fp32", show_progress=False)
     original, exported = read_safetensors_dir(source), read_safetensors_dir(tmp_path / "back")
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
@@ -284,20 +290,20 @@ def test_round_trip_import_export_reproduces_every_tensor_exactly(imported, case
 
 def test_import_refuses_to_overwrite_an_existing_checkpoint(imported):
     source, _, output = imported("gptj")
-    with pytest.raises(hf.ConversionError, match="already exists and is not empty"):
-        hf.import_hf(str(source), str(output), show_progress=False)
+    with pytest.raises(ConversionError, match="already exists and is not empty"):
+        import_hf(str(source), str(output), show_progress=False)
 
 
 def test_a_bare_tokenizer_json_is_saved_in_a_form_autotokenizer_loads(tmp_path):
     spec = str(write_tokenizer(tmp_path / "tok", vocab_size=20) / "tokenizer.json")
-    assert hf.save_tokenizer_files(spec, load_tokenizer(spec), str(tmp_path / "out"))
+    assert save_tokenizer_files(spec, load_tokenizer(spec), str(tmp_path / "out"))
     loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert loaded.eos_token == EOT and loaded.convert_tokens_to_ids("w7") == 7
 
 
 def test_import_pads_the_vocabulary_to_a_multiple(tmp_path):
     source = save_hf_model(tmp_path / "hf", gpt_neox_config(vocab_size=61), seed=4)
-    hf.import_hf(str(source), str(tmp_path / "ours"), pad_vocab_multiple=8, show_progress=False)
+    import_hf(str(source), str(tmp_path / "ours"), pad_vocab_multiple=8, show_progress=False)
     config, params = restore_imported(tmp_path / "ours")
     assert config.model.n_vocab == 64 and config.run.tokenizer == "gpt2"
     tokens = random_tokens(6, (1, 12), 61)
@@ -311,7 +317,7 @@ def test_import_rounds_float16_weights_into_bfloat16_parameters_as_numpy_does(tm
     model = transformers.AutoModelForCausalLM.from_config(gptj_config(n_layer=1))
     randomize_torch_model(model, 13)
     model.half().save_pretrained(str(tmp_path / "hf"))
-    hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "ours"), param_dtype="bfloat16", show_progress=False)
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ours"), param_dtype="bfloat16", show_progress=False)
     _, params = restore_imported(tmp_path / "ours")
     weight = model.transformer.h[0].mlp.fc_in.weight.detach().numpy()  # float16, (out, in)
     kernel = params["blocks"]["mlp"]["fc_in"]["kernel"][0]
@@ -351,7 +357,7 @@ def test_import_from_a_hub_name_downloads_only_safetensors_configs_and_tokenizer
         return str(source)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    summary = hf.import_hf("EleutherAI/tiny-gptj", str(tmp_path / "ours"), revision="step1000", show_progress=False)
+    summary = import_hf("EleutherAI/tiny-gptj", str(tmp_path / "ours"), revision="step1000", show_progress=False)
     [(repo_id, revision, patterns)] = calls
     assert (repo_id, revision) == ("EleutherAI/tiny-gptj", "step1000")
     assert "*.safetensors" in patterns and "tokenizer.json" in patterns and not any(".bin" in p for p in patterns)
@@ -361,8 +367,8 @@ def test_import_from_a_hub_name_downloads_only_safetensors_configs_and_tokenizer
 
 def test_an_unreachable_hub_name_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(hf.ConversionError, match="'EleutherAI/no-such-model' is not a local directory"):
-        hf.import_hf("EleutherAI/no-such-model", str(tmp_path / "ours"), show_progress=False)
+    with pytest.raises(ConversionError, match="'EleutherAI/no-such-model' is not a local directory"):
+        import_hf("EleutherAI/no-such-model", str(tmp_path / "ours"), show_progress=False)
 
 
 def test_import_cli(tmp_path):
@@ -399,7 +405,7 @@ def test_import_refuses_an_unsupported_architecture(tmp_path):
     config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4)
     source = save_hf_model(tmp_path / "gpt2", config)
     with pytest.raises(ConfigError, match=r"model_type 'gpt2'.*GPT2LMHeadModel.*GPTJForCausalLM"):
-        hf.import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
+        import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
 
 
 def test_import_refuses_tensors_that_do_not_match_config_json(tmp_path):
@@ -407,9 +413,9 @@ def test_import_refuses_tensors_that_do_not_match_config_json(tmp_path):
     raw = json.loads((source / "config.json").read_text())
     raw["n_inner"] = 64  # the tensors were saved with 80
     (source / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(hf.ConversionError, match=r"'transformer\.h\.0\.mlp\.fc_in\.weight' has shape \(80, 32\).*"
-                                                 r"implies \(64, 32\)"):
-        hf.import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
+    with pytest.raises(ConversionError, match=r"'transformer\.h\.0\.mlp\.fc_in\.weight' has shape \(80, 32\).*"
+                                              r"implies \(64, 32\)"):
+        import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
 
 
 def test_import_refuses_truncated_and_integer_weights_naming_file_and_tensor_before_reading_any(tmp_path):
@@ -417,26 +423,26 @@ def test_import_refuses_truncated_and_integer_weights_naming_file_and_tensor_bef
     weights = source / "model.safetensors"
     whole = weights.read_bytes()
     weights.write_bytes(whole[:-100])
-    with pytest.raises(hf.ConversionError, match=r"model\.safetensors: truncated: its header places tensors up to"):
-        hf.import_hf(str(source), str(tmp_path / "out"), show_progress=False)
+    with pytest.raises(ConversionError, match=r"model\.safetensors: truncated: its header places tensors up to"):
+        import_hf(str(source), str(tmp_path / "out"), show_progress=False)
     end = 8 + int.from_bytes(whole[:8], "little")
     header = json.loads(whole[8:end])
     header["lm_head.bias"]["dtype"] = "I32"  # the same size as F32
     weights.write_bytes(whole[:8] + json.dumps(header, separators=(",", ":")).encode().ljust(end - 8) + whole[end:])
-    with pytest.raises(hf.ConversionError, match=r"model\.safetensors: tensor 'lm_head\.bias' has dtype I32"):
-        hf.import_hf(str(source), str(tmp_path / "out"), show_progress=False)
+    with pytest.raises(ConversionError, match=r"model\.safetensors: tensor 'lm_head\.bias' has dtype I32"):
+        import_hf(str(source), str(tmp_path / "out"), show_progress=False)
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
 def test_import_refuses_pickled_weights_and_rope_scaling(tmp_path):
     source = save_hf_model(tmp_path / "hf", gpt_neox_config(), seed=7)
     (source / "model.safetensors").rename(source / "pytorch_model.bin")  # stands in for a pickle; never opened
-    with pytest.raises(hf.ConversionError, match="pytorch_model.bin.*never loaded"):
-        hf.import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
+    with pytest.raises(ConversionError, match="pytorch_model.bin.*never loaded"):
+        import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
     scaled = gpt_neox_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
                                               "partial_rotary_factor": 0.5})
     with pytest.raises(ConfigError, match="rope_type is 'linear'"):
-        hf.hf_config_to_model_config(scaled)
+        hf_config_to_model_config(scaled)
 
 
 @pytest.mark.parametrize("change,fragments", [
@@ -457,7 +463,7 @@ def test_export_refuses_configs_hf_cannot_represent(change, fragments):
     base = dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=16, pe_rotary_dims=4, lr=1e-3)
     config = parse_config({**base, **change}, source="bad.json")
     with pytest.raises(ConfigError) as error:
-        hf.config_to_hf(config.model, source=config.source)
+        config_to_hf(config.model, source=config.source)
     for fragment in fragments:
         assert fragment in str(error.value)
 
@@ -466,13 +472,13 @@ def test_export_refuses_a_checkpoint_that_does_not_match_the_config(tmp_path):
     shape = dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=16, pe_rotary_dims=4)
     write_native_checkpoint(native_config(tmp_path / "run", "bytes", **shape), seed=0)
     wrong = native_config(tmp_path / "run", "bytes", **{**shape, "d_ff": 64})
-    with pytest.raises(hf.ConversionError, match=r"'blocks/mlp/fc_in/bias' has shape \(2, 128\).*"
-                                                 r"d_ff=64\) expects \(2, 64\)"):
-        hf.export_to_hf(str(tmp_path / "run"), wrong, str(tmp_path / "out"), show_progress=False)
+    with pytest.raises(ConversionError, match=r"'blocks/mlp/fc_in/bias' has shape \(2, 128\).*"
+                                              r"d_ff=64\) expects \(2, 64\)"):
+        export_to_hf(str(tmp_path / "run"), wrong, str(tmp_path / "out"), show_progress=False)
 
 
 def test_fp16_export_refuses_values_beyond_the_float16_range():
-    with pytest.raises(hf.ConversionError, match="'lm_head.weight'.*70000.*bf16"):
+    with pytest.raises(ConversionError, match="'lm_head.weight'.*70000.*bf16"):
         cast_for_export("lm_head.weight", np.array([1.0, 70000.0], np.float32), "float16")
 
 
@@ -486,9 +492,9 @@ def test_gpt_neo_attention_pattern_is_written_compactly_and_read_back():
     config = parse_config(dict(layers=4, d_model=32, n_heads=4, n_vocab=64, seq=16, pe="fixed", residual="sequential",
                                separate_mlp_norm=True, out_bias=True, scale_attention=False, tie_embeddings=True,
                                lm_head_bias=False, attention_layers=["global", "local"] * 2, window_size=8, lr=1e-3))
-    hf_config = hf.config_to_hf(config.model)
+    hf_config = config_to_hf(config.model)
     assert hf_config.attention_layers == ["global", "local"] * 2 and hf_config.window_size == 8
-    assert same_model(hf.hf_config_to_model_config(hf_config), config.model)
+    assert same_model(hf_config_to_model_config(hf_config), config.model)
 
 
 @pytest.mark.parametrize("name,hf_class", [("6B_roto_256.json", "GPTJForCausalLM"),
@@ -497,9 +503,9 @@ def test_gpt_neo_attention_pattern_is_written_compactly_and_read_back():
                                            ("pythia_12b.json", "GPTNeoXForCausalLM")])
 def test_shipped_configs_export_to_their_architecture_and_read_back_identically(name, hf_class):
     config = load_config(str(REPO / "configs" / name))
-    hf_config = hf.config_to_hf(config.model)
+    hf_config = config_to_hf(config.model)
     assert hf_config.architectures == [hf_class]
-    assert same_model(hf.hf_config_to_model_config(hf_config), config.model)
+    assert same_model(hf_config_to_model_config(hf_config), config.model)
 
 
 # Published sizes: Pythia's non-embedding counts (its model card table; embed_in and embed_out excluded)
@@ -517,7 +523,7 @@ PUBLISHED_PARAMS = {
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMS)
 def test_shipped_configs_have_the_published_parameter_counts(name):
-    shapes = hf.expected_param_shapes(load_config(str(REPO / "configs" / f"{name}.json")).model)
+    shapes = expected_param_shapes(load_config(str(REPO / "configs" / f"{name}.json")).model)
     count, kind = PUBLISHED_PARAMS[name]
     excluded = ("wte/embedding", "lm_head/kernel") if kind == "non-embedding" else ()
     assert sum(math.prod(s) for path, s in shapes.items() if path not in excluded) == count
@@ -562,7 +568,7 @@ def test_to_hf_weights_fp16_writes_our_parameters_in_float16(tiny_run, tmp_path)
 def test_bf16_export_writes_our_parameters_in_bfloat16(tiny_run, tmp_path):
     root, params = tiny_run
     config = load_config(str(root / "config.json"))
-    hf.export_to_hf(str(root / "run"), config, str(tmp_path / "out"), dtype="bf16", show_progress=False)
+    export_to_hf(str(root / "run"), config, str(tmp_path / "out"), dtype="bf16", show_progress=False)
     tensors = read_safetensors_dir(tmp_path / "out")
     expected = params["blocks"]["mlp"]["fc_out"]["kernel"][0].T.astype(jnp.bfloat16)
     np.testing.assert_array_equal(tensors["transformer.h.0.mlp.fc_out.weight"], expected)
@@ -583,7 +589,7 @@ def test_to_hf_weights_fp32_sharded_output_matches_our_logits(tiny_run, tmp_path
 
 
 def test_to_hf_weights_reads_a_legacy_mesh_transformer_jax_run(tmp_path):
-    pytest.importorskip("mesh_transformer.convert.legacy")
+    pytest.importorskip("mesh_transformer.checkpoints.legacy")
     from tests.legacy_writer import write_legacy_checkpoint, write_meta
 
     raw = dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=32, pe_rotary_dims=4, tokenizer="bytes",

@@ -15,9 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.training.checkpoint import Checkpointer
-from mesh_transformer.config import ConfigError, load_config
-from mesh_transformer.convert.legacy import (
+from mesh_transformer.checkpoints.legacy import (
     LegacyCheckpointError,
     detect_legacy_checkpoint,
     full_and_slim_leaf_counts,
@@ -25,6 +23,9 @@ from mesh_transformer.convert.legacy import (
     read_legacy_params,
     resolve_legacy_step_dir,
 )
+from mesh_transformer.checkpoints.store import Checkpointer
+from mesh_transformer.models.registry import load_config
+from mesh_transformer.config import ConfigError
 from mesh_transformer.cli.legacy import main
 from mesh_transformer.convert.native import convert_legacy_checkpoint
 from mesh_transformer.models.transformer import Transformer
@@ -184,7 +185,7 @@ def test_many_layers_read_back_exactly(tmp_path):
 
 
 def test_full_and_slim_checkpoints_load_and_say_which(full_ckpt, slim_ckpt, config, params, caplog):
-    with caplog.at_level(logging.INFO, logger="mesh_transformer.convert.legacy"):
+    with caplog.at_level(logging.INFO, logger="mesh_transformer.checkpoints.legacy"):
         full = read_legacy_params(full_ckpt, config)
         assert "full checkpoint" in caplog.text and "optimizer state skipped" in caplog.text
         slim = read_legacy_params(slim_ckpt, config)

@@ -1,4 +1,4 @@
-"""Exporting a LoRA run (convert/hf.py, to_hf_weights.py --lora): merged weights that transformers loads
+"""Exporting a LoRA run (convert/hf_export.py, to_hf_weights.py --lora): merged weights that transformers loads
 as a plain model, and the adapter alone that peft loads onto the exported base; both give our logits.
 
 Each LoRA run is real: a native base checkpoint, and a checkpoint holding only adapters whose metadata
@@ -19,14 +19,18 @@ import pytest
 import transformers
 from safetensors import safe_open
 
+from mesh_transformer.checkpoints.format import LORA_BASE
+from mesh_transformer.checkpoints.locate import lora_base_pointer
+from mesh_transformer.checkpoints.store import Checkpointer
 from mesh_transformer.cli import to_hf
-from mesh_transformer.config import Config, load_config
-from mesh_transformer.convert import hf
-from mesh_transformer.inference.weights import LORA_BASE, lora_base_pointer
+from mesh_transformer.config import Config
+from mesh_transformer.convert.hf_config import architecture_for
+from mesh_transformer.convert.hf_export import ExportSummary, export_to_hf
+from mesh_transformer.convert.hf_import import import_hf
 from mesh_transformer.models import lora
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.models.transformer import Transformer, abstract_adapters
 from mesh_transformer.sharding import mesh_from_shape
-from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.training.run import TrainOptions, train
 from mesh_transformer.training.steps import Trainer
 from tests.convert.test_hf import LOGIT_TOLERANCE, hf_logits, max_abs_diff, random_tokens, read_safetensors_dir
@@ -143,8 +147,8 @@ def lora_runs(tmp_path_factory):
     return get
 
 
-def export(run_dir: Path, config: Config, out: Path, **options) -> hf.ExportSummary:
-    return hf.export_to_hf(str(run_dir), config, str(out), show_progress=False, **options)
+def export(run_dir: Path, config: Config, out: Path, **options) -> ExportSummary:
+    return export_to_hf(str(run_dir), config, str(out), show_progress=False, **options)
 
 
 def peft_on_base(base_hf: Path, adapter_dir: Path):
@@ -161,7 +165,7 @@ def test_merged_export_is_a_plain_model_with_our_logits(lora_runs, arch, tmp_pat
     run = lora_runs(arch)
     summary = export(run.run_dir, run.config, tmp_path / "merged", dtype="fp32")
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
-    assert type(model).__name__ == summary.architecture == hf.architecture_for(run.config.model).hf_class
+    assert type(model).__name__ == summary.architecture == architecture_for(run.config.model).hf_class
     tokens = random_tokens(1, (2, 24), 257)
     ours = run.ours(tokens)
     assert max_abs_diff(ours, hf_logits(model, tokens)) <= LOGIT_TOLERANCE
@@ -322,7 +326,7 @@ def test_an_adapter_trained_on_an_imported_model_applies_to_the_original_with_au
     from tests.models.test_llama import llama_hf_config
 
     source = save_hf_model(tmp_path / "hf", llama_hf_config(vocab_size=VOCAB), seed=2)
-    hf.import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
+    import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
     imported, base = restore_imported(tmp_path / "ours")
     raw = json.loads((tmp_path / "ours" / "config.json").read_text())
     raw.update(model_dir=str(tmp_path / "lora"), lora=dict(LORA, targets=["q_proj", "v_proj", "down_proj"]))

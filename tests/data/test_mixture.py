@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from mesh_transformer.config import parse_config
 from mesh_transformer.data.loader import LoaderState, StreamPosition, TFRecordLoader
+from mesh_transformer.models.registry import parse_config
 from mesh_transformer.data.mixture import (
     MixtureLoader,
     MixtureSchedule,

@@ -1,30 +1,20 @@
-"""Data preparation: input formats, packing, final chunk, shuffling and the command line."""
+"""Data preparation: packing, final chunk, shuffling, folders of inputs and the command line."""
 
-import json
 import lzma
 import os
 import uuid
 
 import numpy as np
 import pytest
-import zstandard
 
 from mesh_transformer import storage
 from mesh_transformer.cli.create_tfrecords import main
+from mesh_transformer.data.documents import PrepareError, list_input_files
 from mesh_transformer.data.loader import TFRecordLoader
-from mesh_transformer.data import prepare as prepare_module
-from mesh_transformer.data.prepare import (
-    PrepareConfig,
-    PrepareError,
-    RecordPacker,
-    buffered_shuffle,
-    iter_documents,
-    list_input_files,
-    prepare_tfrecords,
-    wikitext_detokenize,
-)
+from mesh_transformer.data.prepare import PrepareConfig, RecordPacker, buffered_shuffle, prepare_tfrecords
 from mesh_transformer.data.tfrecord import decode_example, iter_records
 from mesh_transformer.tokenizer import ByteTokenizer
+from tests.data.test_input_documents import write_zst_jsonl
 
 EOS = ByteTokenizer().eos_token_id
 SEQ = 15  # records of 16 tokens
@@ -53,11 +43,6 @@ def prepare(tmp_path, input_path, **overrides):
     settings.update(overrides)
     summary = prepare_tfrecords(PrepareConfig(**settings))
     return summary, read_records(summary.output_url)
-
-
-def write_zst_jsonl(path, lines):
-    data = "\n".join(json.dumps(line) for line in lines).encode()
-    path.write_bytes(zstandard.ZstdCompressor().compress(data))
 
 
 def test_text_file_split_on_endoftext_and_packed(tmp_path):
@@ -101,38 +86,6 @@ def test_exact_multiple_has_no_partial_chunk(tmp_path):
     assert "no partial final chunk" in summary.describe()
 
 
-def test_jsonl_zst_in_lm_dataformat_layout(tmp_path):
-    lines = [{"text": "alpha", "meta": {"source": "x"}}, {"text": ["para one", "para two"]}, "bare string"]
-    write_zst_jsonl(tmp_path / "data.jsonl.zst", lines)
-    assert list(iter_documents(str(tmp_path / "data.jsonl.zst"))) == ["alpha", "para one\n\npara two", "bare string"]
-
-
-def test_json_zst_array_and_plain_jsonl(tmp_path):
-    (tmp_path / "a.json.zst").write_bytes(zstandard.ZstdCompressor().compress(b'["one", "two"]'))
-    (tmp_path / "b.jsonl").write_text('{"text": "three"}\n\n{"text": "four<|endoftext|>five"}\n')
-    assert list(iter_documents(str(tmp_path / "a.json.zst"))) == ["one", "two"]
-    assert list(iter_documents(str(tmp_path / "b.jsonl"))) == ["three", "four", "five"]
-
-
-def test_jsonl_errors_name_file_and_line(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"title": "no text"}\n')
-    with pytest.raises(PrepareError, match=r"bad.jsonl, line 2: .*'text'.*\['title'\]"):
-        list(iter_documents(str(tmp_path / "bad.jsonl")))
-
-
-def test_separators_split_across_read_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "_TEXT_CHUNK_CHARS", 4)
-    text = "ab<|endoftext|>cdefghijklmnop<|endoftext|><|endoftext|>q<|endoftext|"
-    (tmp_path / "in.txt").write_text(text)
-    assert list(iter_documents(str(tmp_path / "in.txt"))) == ["ab", "cdefghijklmnop", "q<|endoftext|"]
-
-
-def test_xz_text_and_eot_as_text(tmp_path):
-    (tmp_path / "a.xz").write_bytes(lzma.compress("left<|endoftext|>right".encode()))
-    assert list(iter_documents(str(tmp_path / "a.xz"))) == ["left", "right"]
-    assert list(iter_documents(str(tmp_path / "a.xz"), split_on_eot=False)) == ["left<|endoftext|>right"]
-
-
 def test_folder_is_read_recursively_in_sorted_order(tmp_path):
     folder = tmp_path / "in"
     (folder / "b").mkdir(parents=True)
@@ -145,18 +98,6 @@ def test_folder_is_read_recursively_in_sorted_order(tmp_path):
     assert [os.path.relpath(p, folder) for p in list_input_files(str(folder))] == ["a.xz", "b/2.txt", "b/3.jsonl.zst"]
     _, records = prepare(tmp_path, folder)
     assert real_tokens(records) == byte_stream("one", "two", "three")
-
-
-def test_unknown_file_type_names_the_file(tmp_path):
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "notes.md").write_text("x")
-    with pytest.raises(PrepareError, match=r"notes.md: unsupported input file type"):
-        list_input_files(str(tmp_path / "in"))
-
-
-def test_missing_input_is_an_error(tmp_path):
-    with pytest.raises(PrepareError, match="does not exist"):
-        list_input_files(str(tmp_path / "nothing"))
 
 
 def test_min_unique_tokens_skips_and_counts_documents(tmp_path):
@@ -220,16 +161,6 @@ def test_record_packer_cuts_exact_records():
     records = packer.add(np.arange(3)) + packer.add(np.arange(3, 10))
     assert [r.tolist() for r in records] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert packer.remainder().tolist() == [8, 9]
-
-
-def test_wikitext_detokenize():
-    text = (
-        " = = Early life = = \nHe was born in 1 @,@ 000 @-@ year old ( ancient ) city . "
-        "It 's 3 @.@ 5 km \" wide \" ."
-    )
-    assert wikitext_detokenize(text) == (
-        " == Early life ==\nHe was born in 1,000-year old (ancient) city. It's 3.5 km \"wide\" ."
-    )
 
 
 def test_ftfy_normalization(tmp_path):

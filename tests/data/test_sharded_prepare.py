@@ -17,7 +17,7 @@ import zstandard
 from mesh_transformer import storage
 from mesh_transformer.data.loader import TFRecordLoader, read_index
 from mesh_transformer.data.manifest import manifest_url, read_manifest, verify
-from mesh_transformer.data.prepare import PrepareError
+from mesh_transformer.data.documents import PrepareError
 from mesh_transformer.data.sharded import ShardedConfig, expand_inputs, prepare_sharded
 from mesh_transformer.data.tfrecord import decode_example, iter_records
 from mesh_transformer.tokenizer import ByteTokenizer

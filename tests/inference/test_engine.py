@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.config import ConfigError, ModelConfig, load_config
+from mesh_transformer.config import ConfigError, ModelConfig
 from mesh_transformer.inference.engine import Generator, decode_layout, decode_param_shardings, load_generator
 from mesh_transformer.inference.text import SamplingParams
 from mesh_transformer.models.layers import init_cache
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.models.transformer import Transformer
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import ByteTokenizer
@@ -178,8 +179,8 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     """Our weights exported to Hugging Face GPT-J: greedy outputs agree token for token."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from mesh_transformer.convert import hf
-    from mesh_transformer.training.checkpoint import Checkpointer
+    from mesh_transformer.convert.hf_export import export_to_hf
+    from mesh_transformer.checkpoints.store import Checkpointer
     from mesh_transformer.sharding import make_mesh
     from mesh_transformer.training.steps import Trainer
 
@@ -190,7 +191,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
     state = state.replace(params=dict(state.params, lm_head=dict(head, kernel=head["kernel"] * 20)))
     with Checkpointer(config.run.checkpoint_dir) as checkpoints:
         checkpoints.save(0, state, {})
-    hf.export_to_hf(config.run.checkpoint_dir, config, str(tmp_path / "hf"), dtype="fp32", show_progress=False)
+    export_to_hf(config.run.checkpoint_dir, config, str(tmp_path / "hf"), dtype="fp32", show_progress=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     tokenizer = ByteTokenizer()
     gen = Generator(config.model, state.params, tokenizer, max_batch=2)

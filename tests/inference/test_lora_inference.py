@@ -1,4 +1,4 @@
-"""A LoRA run's config as is, for sampling, serving and evaluation: ``inference.weights.load_params``
+"""A LoRA run's config as is, for sampling, serving and evaluation: ``checkpoints.params.load_params``
 loads its adapters, loads the base its checkpoint points to, and merges them, so device_sample.py,
 device_serve.py and eval_harness.py run the plain model on merged weights. Checked against our model
 applied with the base and the adapters unmerged, and against the merged weights' own generations."""
@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
+from mesh_transformer.checkpoints.params import load_params, param_shardings
 from mesh_transformer.evaluation import MeshTransformerLM, scoring_window
 from mesh_transformer.inference.engine import Generator, load_generator
 from mesh_transformer.inference.text import SamplingParams
-from mesh_transformer.inference.weights import load_params, param_shardings
 from mesh_transformer.models import lora
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import ByteTokenizer
@@ -121,7 +121,7 @@ def test_the_harness_model_of_the_lora_config_scores_like_the_unmerged_model(run
 def test_eval_harness_takes_the_lora_run_config_and_gives_the_results_of_the_merged_weights(run, merged, tmp_path,
                                                                                           monkeypatch):
     from mesh_transformer.cli import eval_harness
-    from mesh_transformer.training.checkpoint import Checkpointer
+    from mesh_transformer.checkpoints.store import Checkpointer
     from mesh_transformer.training.steps import Trainer
     from tests.test_evaluation import TASKS_DIR
 

@@ -100,9 +100,9 @@ def write_checkpoint(root: Path, suppress_eos: bool = False, **overrides) -> Pat
     Its output layer is scaled up so that greedy choices are clear-cut rather than float-rounding
     ties (random init gives nearly uniform next-token distributions). ``suppress_eos`` gives the
     end-of-text token a large negative output bias, so generation runs to its length limit."""
-    from mesh_transformer.config import load_config
+    from mesh_transformer.models.registry import load_config
     from mesh_transformer.sharding import make_mesh
-    from mesh_transformer.training.checkpoint import Checkpointer
+    from mesh_transformer.checkpoints.store import Checkpointer
     from mesh_transformer.training.steps import Trainer
 
     raw = dict(layers=2, d_model=32, n_heads=4, n_vocab=264, seq=64, pe_rotary_dims=4, tokenizer="bytes", lr=1e-3,

@@ -9,10 +9,11 @@ import pytest
 import transformers
 from safetensors import safe_open
 
-from mesh_transformer.config import ConfigError, ModelConfig, parse_config, to_json_dict
-from mesh_transformer.convert import hf
+from mesh_transformer.config import ConfigError, ModelConfig
+from mesh_transformer.convert.hf_config import config_to_hf, hf_config_to_model_config
+from mesh_transformer.convert.tensor_table import expected_param_shapes, tensor_plan
 from mesh_transformer.models.registry import (ARCHITECTURES, architecture_of, architecture_of_hf, get_architecture,
-                                              inferred_architecture)
+                                              inferred_architecture, parse_config, to_json_dict)
 
 SHAPE = dict(layers=2, d_model=32, n_heads=4, n_vocab=64, seq=16)
 
@@ -59,7 +60,7 @@ SHAPE_KEYS = ("layers", "d_model", "n_heads", "n_vocab", "seq", "pe_rotary_dims"
 
 @pytest.mark.parametrize("name", HF_DEFAULT_CONFIGS)
 def test_an_architectures_defaults_are_those_of_its_hugging_face_config_class(name):
-    read = hf.hf_config_to_model_config(HF_DEFAULT_CONFIGS[name]())
+    read = hf_config_to_model_config(HF_DEFAULT_CONFIGS[name]())
     from_defaults = parse(architecture=name, **{k: read[k] for k in SHAPE_KEYS if k in read})
     assert from_defaults == parse(**read)
     assert from_defaults.architecture == name
@@ -121,7 +122,7 @@ def test_without_the_key_contradictions_parse_and_are_refused_only_at_export():
     assert config.model.architecture == "gpt_neo" and config.model.scale_attention
     with pytest.raises(ConfigError, match="old.json: cannot export to Hugging Face GPTNeoForCausalLM .*"
                                           "residual is \"parallel\" but must be \"sequential\""):
-        hf.config_to_hf(config.model, source=config.source)
+        config_to_hf(config.model, source=config.source)
     # Written back without the architecture, which would refuse the keys: it is inferred again on reading.
     flat = to_json_dict(config)
     assert "architecture" not in flat and parse_config(flat, source="old.json") == config
@@ -147,18 +148,18 @@ TABLE_CASES = [pytest.param(name, variant, id=f"{name}-{i}")
 def test_the_table_covers_every_parameter_once_and_names_every_tensor_hf_saves(name, variant, tmp_path):
     m = parse(architecture=name, **{**TINY.get(name, {}), **variant})
     arch = get_architecture(name)
-    shapes = hf.expected_param_shapes(m)
+    shapes = expected_param_shapes(m)
     converted = [path for rule in arch.rules(m) for path in rule.ours]
     assert sorted(converted) == sorted(shapes)  # each of our parameters exactly once
 
-    transformers.AutoModelForCausalLM.from_config(hf.config_to_hf(m)).save_pretrained(str(tmp_path))
+    transformers.AutoModelForCausalLM.from_config(config_to_hf(m)).save_pretrained(str(tmp_path))
     with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as saved:
         theirs = {name: tuple(saved.get_slice(name).get_shape()) for name in saved.keys()}
-    assert dict(hf.tensor_plan(arch, m, shapes)) == theirs
+    assert dict(tensor_plan(arch, m, shapes)) == theirs
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_the_hf_config_writer_and_reader_are_inverse(name):
     m = parse(architecture=name, **TINY.get(name, {}))
-    read = parse(**hf.hf_config_to_model_config(hf.config_to_hf(m)))
+    read = parse(**hf_config_to_model_config(config_to_hf(m)))
     assert read == dataclasses.replace(m, d_ff=m.ff_dim)  # HF configs always carry the MLP width

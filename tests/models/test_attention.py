@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.config import ConfigError, resolve_attention
+from mesh_transformer.config import ConfigError
 from mesh_transformer.models import attention
-from mesh_transformer.models.attention import GLOBAL_WINDOW, self_attention
+from mesh_transformer.models.attention import GLOBAL_WINDOW, for_platform, resolve_attention, self_attention
 from mesh_transformer.models.transformer import Transformer
 from jax.sharding import NamedSharding
 
@@ -145,7 +145,7 @@ def test_attention_resolves_per_platform():
         resolve_attention("flash", "gpu", "NVIDIA H200", "float32")
     with pytest.raises(ConfigError, match="attention"):
         tiny_config(attention="fast")
-    assert tiny_config().model.for_platform("tpu", "TPU v4").attention == "splash"
+    assert for_platform(tiny_config().model, "tpu", "TPU v4").attention == "splash"
 
 
 def test_cudnn_takes_head_sizes_it_supports_only():

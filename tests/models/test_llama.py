@@ -13,12 +13,15 @@ import pytest
 import torch
 import transformers
 
-from mesh_transformer.config import ConfigError, load_config, parse_config
-from mesh_transformer.convert import hf
+from mesh_transformer.config import ConfigError
+from mesh_transformer.convert.hf_config import hf_config_to_model_config
+from mesh_transformer.convert.hf_export import export_to_hf
+from mesh_transformer.convert.hf_import import import_hf
+from mesh_transformer.convert.tensor_table import expected_param_shapes, tensor_plan
 from mesh_transformer.inference.engine import Generator, load_generator
 from mesh_transformer.inference.text import SamplingParams
 from mesh_transformer.models.layers import init_cache
-from mesh_transformer.models.registry import get_architecture
+from mesh_transformer.models.registry import get_architecture, load_config, parse_config
 from mesh_transformer.sharding import mesh_from_shape
 from mesh_transformer.tokenizer import load_tokenizer
 from tests.convert.test_hf import (LOGIT_TOLERANCE, hf_logits, max_abs_diff, our_logits, random_tokens,
@@ -51,7 +54,7 @@ def imported(request, tmp_path_factory):
     """(HF dir, HF model, our output dir) of one case, imported once for the tests that use it."""
     root = tmp_path_factory.mktemp(request.param)
     source = save_hf_model(root / "hf", IMPORT_CASES[request.param](), seed=5, tokenizer_vocab=VOCAB)
-    hf.import_hf(str(source), str(root / "ours"), show_progress=False)
+    import_hf(str(source), str(root / "ours"), show_progress=False)
     return source, transformers.AutoModelForCausalLM.from_pretrained(str(source)), root / "ours"
 
 
@@ -74,8 +77,8 @@ def test_import_logits_match_transformers(imported):
 def test_export_reproduces_every_tensor_exactly_and_transformers_gives_the_same_logits(imported, tmp_path):
     source, model, output = imported
     config = load_config(str(output / "config.json"))
-    summary = hf.export_to_hf(str(output / "checkpoint"), config, str(tmp_path / "back"), dtype="fp32",
-                              show_progress=False)
+    summary = export_to_hf(str(output / "checkpoint"), config, str(tmp_path / "back"), dtype="fp32",
+                           show_progress=False)
     assert summary.architecture == "LlamaForCausalLM"
     assert tensor_bytes(tmp_path / "back") == tensor_bytes(source)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
@@ -102,7 +105,7 @@ def test_defaults_are_those_of_transformers_llama_config():
     hf_default = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=16, hidden_size=32,
                                           intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     from_defaults = parse_config(dict(shape, architecture="llama", lr=1e-3)).model
-    assert parse_config(dict(hf.hf_config_to_model_config(hf_default), lr=1e-3)).model == from_defaults
+    assert parse_config(dict(hf_config_to_model_config(hf_default), lr=1e-3)).model == from_defaults
     assert (from_defaults.norm, from_defaults.mlp, from_defaults.activation, from_defaults.rotary_style,
             from_defaults.rotary_dims, from_defaults.residual, from_defaults.lm_head_bias) == \
            ("rmsnorm", "gated", "silu", "neox", 8, "sequential", False)
@@ -116,7 +119,7 @@ def test_defaults_are_those_of_transformers_llama_config():
 ])
 def test_unsupported_hf_configs_are_refused_in_one_line_naming_the_field(overrides, fragments):
     with pytest.raises(ConfigError) as error:
-        hf.hf_config_to_model_config(llama_hf_config(**overrides))
+        hf_config_to_model_config(llama_hf_config(**overrides))
     message = str(error.value)
     assert message.startswith("Hugging Face config: ") and "\n" not in message
     for fragment in fragments:
@@ -138,7 +141,7 @@ def test_configs_llama_cannot_represent_are_refused_naming_the_key(change, fragm
 def test_the_table_names_the_tensors_transformers_saves(tmp_path):
     m = parse_config(dict(architecture="llama", layers=2, d_model=32, n_heads=4, n_kv_heads=2, n_vocab=VOCAB,
                           seq=16, lr=1e-3)).model
-    names = [name for name, _ in hf.tensor_plan(get_architecture("llama"), m, hf.expected_param_shapes(m))]
+    names = [name for name, _ in tensor_plan(get_architecture("llama"), m, expected_param_shapes(m))]
     assert names[:3] == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
                          "model.layers.1.input_layernorm.weight"]
     assert {"model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight",

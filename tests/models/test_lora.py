@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.config import ConfigError, parse_config
-from mesh_transformer.convert.hf import config_to_hf, flatten_params, hf_tensors
+from mesh_transformer.config import ConfigError
+from mesh_transformer.convert.hf_config import config_to_hf
+from mesh_transformer.convert.tensor_table import flatten_params, hf_tensors
 from mesh_transformer.models import lora
-from mesh_transformer.models.registry import get_architecture
+from mesh_transformer.models.registry import get_architecture, parse_config
 from mesh_transformer.models.transformer import Transformer, abstract_adapters
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.steps import Trainer

@@ -11,8 +11,8 @@ import pytest
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 from mesh_transformer.cli.plan import main as plan_main  # noqa: E402
-from mesh_transformer.config import load_config  # noqa: E402
 from mesh_transformer.hardware import GIB  # noqa: E402
+from mesh_transformer.models.registry import load_config  # noqa: E402
 from mesh_transformer.plan import PlanError, make_plan, parse_gpu, parse_target, parse_tpu, suggest  # noqa: E402
 from mesh_transformer.plan import targets  # noqa: E402
 from mesh_transformer.plan.memory import state_shards  # noqa: E402

@@ -11,8 +11,9 @@ import pytest
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
-from mesh_transformer.config import MeshConfig, load_config  # noqa: E402
+from mesh_transformer.config import MeshConfig  # noqa: E402
 from mesh_transformer.hardware import GIB  # noqa: E402
+from mesh_transformer.models.registry import load_config  # noqa: E402
 from mesh_transformer.plan import make_plan, parse_gpu, parse_tpu  # noqa: E402
 from mesh_transformer.plan.memory import compile_step, state_shards  # noqa: E402
 from mesh_transformer.plan.targets import tpu_devices, usable_hbm_bytes  # noqa: E402

@@ -14,8 +14,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mesh_transformer.inference.engine import Generator
 from mesh_transformer.inference.text import SamplingParams
-from mesh_transformer.serving import server as server_module
-from mesh_transformer.serving.server import ServerSettings, create_app
+from mesh_transformer.serving import routes as server_module
+from mesh_transformer.serving.app import create_app
+from mesh_transformer.serving.service import ServerSettings
 from mesh_transformer.tokenizer import ByteTokenizer, TokenizersTokenizer
 from tests.inference.test_batching import fail_appends
 from tests.inference.tiny_model import CFG, init_params

@@ -16,9 +16,9 @@ import httpx
 import openai
 import pytest
 
-from mesh_transformer.config import load_config
 from mesh_transformer.inference.engine import load_generator
 from mesh_transformer.inference.text import SamplingParams
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.sharding import mesh_from_shape
 from tests.helpers import REPO
 from tests.inference.tiny_model import write_checkpoint

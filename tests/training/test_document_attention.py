@@ -3,24 +3,28 @@
 import pytest
 
 from mesh_transformer.config import ConfigError
-from mesh_transformer.training.run import document_eos
+from mesh_transformer.training.run import document_eos, load_run_tokenizer
 from tests.helpers import tiny_config
 
 
+def eos_of(config):
+    return document_eos(config, load_run_tokenizer(config))
+
+
 def test_documents_are_packed_together_unless_asked():
-    assert document_eos(tiny_config()) is None
+    assert eos_of(tiny_config()) is None
 
 
 def test_the_eos_comes_from_the_key_or_else_from_the_tokenizer():
-    assert document_eos(tiny_config(reset_attention_at_eos=True, eos_token_id=3)) == 3
-    assert document_eos(tiny_config(reset_attention_at_eos=True, n_vocab=512)) == 256  # the byte tokenizer's EOS
+    assert eos_of(tiny_config(reset_attention_at_eos=True, eos_token_id=3)) == 3
+    assert eos_of(tiny_config(reset_attention_at_eos=True, n_vocab=512)) == 256  # the byte tokenizer's EOS
 
 
 def test_a_tokenizer_eos_outside_the_vocabulary_is_a_one_line_error():
     with pytest.raises(ConfigError, match="n_vocab"):
-        document_eos(tiny_config(reset_attention_at_eos=True))  # bytes: EOS 256, n_vocab 64
+        eos_of(tiny_config(reset_attention_at_eos=True))  # bytes: EOS 256, n_vocab 64
 
 
 def test_a_tokenizer_that_cannot_load_asks_for_eos_token_id():
     with pytest.raises(ConfigError, match="set eos_token_id"):
-        document_eos(tiny_config(reset_attention_at_eos=True, tokenizer="/no/such/tokenizer.json"))
+        eos_of(tiny_config(reset_attention_at_eos=True, tokenizer="/no/such/tokenizer.json"))

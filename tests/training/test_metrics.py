@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu, model_flops_per_token
+from mesh_transformer.training.metrics import MetricsLogger, device_peak_flops, mfu
 from tests.helpers import strict_json
 
 
@@ -185,11 +185,6 @@ def test_wandb_and_tensorboard_receive_the_metrics(tmp_path, monkeypatch):
         ("wandb.finish",),
         ("tb.close",),
     ]
-
-
-def test_model_flops_per_token():
-    assert model_flops_per_token(1000, 2, 64, 128) == 6 * 1000 + 12 * 2 * 64 * 128
-    assert model_flops_per_token(10**6, 4, 256, 1024) == 18_582_912.0
 
 
 @pytest.mark.parametrize("kind,expected", [

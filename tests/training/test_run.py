@@ -16,8 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mesh_transformer.training.checkpoint import Checkpointer, CheckpointSaveFailed
-from mesh_transformer.config import load_config
+from mesh_transformer.checkpoints.store import Checkpointer, CheckpointSaveFailed
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.data.loader import TFRecordLoader
 from mesh_transformer.data.tfrecord import HEADER_SIZE, open_writer, scan_record_offsets
 from mesh_transformer.sharding import make_mesh

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesh_transformer.config import MeshConfig, load_config, parse_config
+from mesh_transformer.checkpoints.store import Checkpointer
+from mesh_transformer.config import MeshConfig
 from mesh_transformer.models import lora
+from mesh_transformer.models.registry import load_config, parse_config
 from mesh_transformer.sharding import make_mesh
-from mesh_transformer.training.checkpoint import Checkpointer
 from mesh_transformer.training.steps import Trainer
 from tests.helpers import random_batch
 from tests.models.test_lora import ARCH_KEYS, PEFT_TARGETS, SHAPE
@@ -296,8 +297,8 @@ def test_a_lora_run_on_a_tensor_parallel_mesh_gives_the_same_losses_and_adapters
 
 @pytest.mark.slow
 def test_a_released_style_slim_checkpoint_is_a_bfloat16_base_and_resume_reloads_it(tmp_path, data_dir, fast_runs):
-    from mesh_transformer.convert.legacy import read_legacy_params
-    from mesh_transformer.inference.weights import load_lora_base
+    from mesh_transformer.checkpoints.legacy import read_legacy_params
+    from mesh_transformer.checkpoints.params import load_lora_base
     from mesh_transformer.training.run import TrainOptions, train
     from tests.inference.tiny_model import init_params
     from tests.legacy_writer import write_legacy_checkpoint
@@ -323,14 +324,14 @@ def test_a_released_style_slim_checkpoint_is_a_bfloat16_base_and_resume_reloads_
 @pytest.mark.slow
 def test_a_hugging_face_import_is_a_base_and_the_first_loss_is_the_hf_models(tmp_path, fast_runs):
     """Every record is the same sequence, and B starts at zero: the first loss is HF's loss on it."""
-    from mesh_transformer.convert import hf
+    from mesh_transformer.convert.hf_import import import_hf
     from mesh_transformer.data.tfrecord import open_writer
     from mesh_transformer.training.run import TrainOptions, train
     from tests.convert.test_hf import LOGIT_TOLERANCE, gpt_neox_config, hf_logits, random_tokens, save_hf_model
     import transformers
 
     source = save_hf_model(tmp_path / "hf", gpt_neox_config(), seed=3, tokenizer_vocab=60)
-    summary = hf.import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
+    summary = import_hf(str(source), str(tmp_path / "ours"), show_progress=False)
     tokens = random_tokens(5, (1, 33), 60)
     with open_writer(str(tmp_path / "train_0.tfrecords")) as writer:
         for _ in range(4):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mesh_transformer.checkpoints.store import Checkpointer
 from mesh_transformer.data.mixture import MixtureSchedule
-from mesh_transformer.training.checkpoint import Checkpointer
 from tests.training.test_run import (
     SEQ,
     assert_trees_equal,

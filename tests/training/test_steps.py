@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mesh_transformer.config import OptimizerConfig
+from mesh_transformer.models.attention import for_platform
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.steps import StepGuard, Trainer, cross_entropy, decay_mask, gpt3_schedule, judged
 from tests.helpers import counting_batch, random_batch, tiny_config
@@ -174,10 +175,10 @@ def test_layerwise_gradients_equal_autodiff(arch):
 def test_auto_compute_dtype_is_bfloat16_on_accelerators_only():
     config = tiny_config()
     assert config.model.compute_dtype == "auto"
-    assert config.model.for_platform("tpu").compute_dtype == "bfloat16"
-    assert config.model.for_platform("gpu").compute_dtype == "bfloat16"
-    assert config.model.for_platform("cpu").compute_dtype == "float32"
-    assert tiny_config(compute_dtype="float32").model.for_platform("tpu").compute_dtype == "float32"
+    assert for_platform(config.model, "tpu").compute_dtype == "bfloat16"
+    assert for_platform(config.model, "gpu").compute_dtype == "bfloat16"
+    assert for_platform(config.model, "cpu").compute_dtype == "float32"
+    assert for_platform(tiny_config(compute_dtype="float32").model, "tpu").compute_dtype == "float32"
     trainer = Trainer(config, make_mesh(config, jax.devices()[:1]))
     assert trainer.model_config.compute_dtype == "float32"
     assert "float32 parameters and optimizer state, float32 compute" in trainer.precision_policy()

@@ -6,14 +6,15 @@ import jax
 import numpy as np
 import pytest
 
-from mesh_transformer.config import load_config
+from mesh_transformer.checkpoints.locate import find_checkpoint
+from mesh_transformer.checkpoints.params import load_params, param_shardings
+from mesh_transformer.checkpoints.store import Checkpointer
 from mesh_transformer.inference.engine import Generator, load_generator
 from mesh_transformer.inference.text import SamplingParams
-from mesh_transformer.inference.weights import find_checkpoint, load_params, param_shardings
+from mesh_transformer.models.registry import load_config
 from mesh_transformer.sharding import make_mesh, mesh_from_shape
 from mesh_transformer.tokenizer import ByteTokenizer
 from mesh_transformer.training import steps
-from mesh_transformer.training.checkpoint import Checkpointer
 from tests.helpers import tiny_config
 from tests.inference.tiny_model import init_params, write_checkpoint
 from tests.legacy_writer import write_legacy_checkpoint

@@ -1,5 +1,6 @@
-"""Model parameters for inference: from a native checkpoint (only its ``params`` item) or one of the
-original mesh-transformer-jax, sharded as in training, with no optimizer built.
+"""Model parameters in and out of checkpoints: loaded for inference from a native checkpoint (only its
+``params`` item) or one of the original mesh-transformer-jax, sharded as in training, with no optimizer
+built; and converted weights written as step 0 of a run (``write_step_zero``).
 
 A LoRA run's checkpoints hold only adapters and point to their base (metadata ``lora_base``): with a
 config that has ``"lora"``, the base is loaded from there and the adapters merged into it here, so
@@ -10,25 +11,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
-from mesh_transformer import storage
+from mesh_transformer.checkpoints import legacy
+from mesh_transformer.checkpoints.format import LORA_BASE, OPT_STATE_SAVED, TRAIN_LOADER
+from mesh_transformer.checkpoints.locate import find_checkpoint
+from mesh_transformer.checkpoints.store import Checkpointer
 from mesh_transformer.config import Config, ModelConfig
-from mesh_transformer.convert import legacy
+from mesh_transformer.data.loader import LoaderState
 from mesh_transformer.models import lora
 from mesh_transformer.models.transformer import abstract_adapters, abstract_params
 from mesh_transformer.sharding import make_mesh, tree_shardings
-from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoint
 
 log = logging.getLogger(__name__)
-
-LORA_BASE = "lora_base"  # checkpoint metadata of a LoRA run: {"path", "step", "legacy"} of its frozen base
-
 
 @functools.lru_cache(maxsize=None)
 def param_shardings(cfg: ModelConfig, mesh: Mesh):
@@ -48,34 +47,6 @@ def sharded_abstract_adapters(cfg: ModelConfig, mesh: Mesh):
     boxed = abstract_adapters(cfg)
     return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         nn.unbox(boxed), tree_shardings(mesh, nn.get_partition_spec(boxed)))
-
-
-@dataclass(frozen=True)
-class CheckpointStep:
-    """The step of a checkpoint to read. Native: ``path`` is the run directory and ``step`` is set.
-    Legacy (mesh-transformer-jax): ``path`` is a step_N or run directory; ``step`` is None, the step
-    is the one ``legacy.read_legacy_params`` picks in a run directory."""
-
-    path: str
-    step: int | None
-    legacy: bool
-
-
-def find_checkpoint(path: str, step: int | None = None) -> CheckpointStep:
-    """Which kind of checkpoint ``path`` is (a run directory or a step_N directory, native or legacy),
-    and which step to read: ``step``, else the newest."""
-    if legacy.is_legacy_checkpoint(path):
-        return CheckpointStep(path if step is None else storage.join(path, f"step_{step}"), None, legacy=True)
-    run_dir, newest = resolve_checkpoint(path)
-    return CheckpointStep(run_dir, newest if step is None else step, legacy=False)
-
-
-def lora_base_pointer(path: str) -> dict[str, Any]:
-    """What a LoRA run records about the base it starts from (a native run or step_N directory, one
-    imported from Hugging Face, or a mesh-transformer-jax full or slim checkpoint): enough to load
-    exactly those parameters again on resume, for export and for inference."""
-    found = find_checkpoint(path)
-    return {"path": found.path, "step": found.step, "legacy": found.legacy}
 
 
 def load_lora_base(config: Config, pointer: dict[str, Any], mesh: Mesh | None = None):
@@ -126,3 +97,15 @@ def load_params(config: Config, checkpoint: str | None = None, step: int | None 
     log.info("merging the adapters into the base from %s", meta[LORA_BASE]["path"])
     return jax.jit(functools.partial(lora.merge, cfg=adapted), out_shardings=param_shardings(config.model, mesh))(
         base, params)
+
+
+def write_step_zero(directory: str, state: Any, metadata: dict, *, optimizer_state_saved: bool) -> None:
+    """Write ``state`` (a train state's fields) as step 0 of a run under ``directory``, its metadata
+    recording the beginning of the data, so that ``directory`` also serves as a run directory that
+    trains on from there. Without an optimizer state the metadata says ``OPT_STATE_SAVED`` false and
+    training from it starts a fresh one."""
+    if not optimizer_state_saved:
+        metadata = {**metadata, OPT_STATE_SAVED: False}
+    # Uncompressed: compressing would hold a compressed copy of the model while it is written.
+    with Checkpointer(directory, async_save=False, compress=False) as checkpointer:
+        checkpointer.save(0, state, {"step": 0, TRAIN_LOADER: LoaderState().to_dict(), **metadata}, force=True)

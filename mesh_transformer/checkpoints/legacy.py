@@ -196,14 +196,6 @@ def detect_legacy_checkpoint(path: str) -> bool:
     return _is_step_dir(path.rstrip("/"))
 
 
-def is_legacy_checkpoint(path: str) -> bool:
-    """True if ``path`` is a v1 checkpoint: a ``step_N`` directory, or a run directory holding one."""
-    try:
-        return detect_legacy_checkpoint(resolve_legacy_step_dir(path))
-    except FileNotFoundError:
-        return False
-
-
 def resolve_legacy_step_dir(path: str) -> str:
     """The ``step_N`` directory for ``path``: itself, or a run directory's step named by meta.json (else the highest)."""
     path = path.rstrip("/")

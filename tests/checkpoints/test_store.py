@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesh_transformer.training.checkpoint import Checkpointer, resolve_checkpoint
+from mesh_transformer.checkpoints.store import Checkpointer, resolve_checkpoint
 from tests.helpers import REPO
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -235,7 +235,7 @@ CHILD = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-    from mesh_transformer.training.checkpoint import Checkpointer
+    from mesh_transformer.checkpoints.store import Checkpointer
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "mp"), axis_types=(AxisType.Auto,) * 2)
     base = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)

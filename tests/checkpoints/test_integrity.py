@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mesh_transformer.training.checkpoint import BadCheckpoint, Checkpointer, CheckpointSaveFailed
+from mesh_transformer.checkpoints.store import BadCheckpoint, Checkpointer, CheckpointSaveFailed
 
 MESH = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "mp"), axis_types=(AxisType.Auto,) * 2)
 
@@ -43,15 +43,15 @@ def assert_trees_equal(actual, expected):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "bool"])
 def test_the_checksum_sees_any_changed_or_moved_element_and_not_the_sharding(dtype):
-    from mesh_transformer.training.checkpoint import _checksums
+    from mesh_transformer.checkpoints.integrity import checksums
 
     values = np.random.default_rng(0).integers(0, 2, (8, 16)).astype(jnp.dtype(dtype))
 
     def checksum(array, sharding=NamedSharding(MESH, P("dp", "mp"))):
-        return _checksums({"x": jax.device_put(array, sharding)})["x"]
+        return checksums({"x": jax.device_put(array, sharding)})["x"]
 
     reference = checksum(values)  # rows split over devices: hashed whole
-    # Rows whole on each device: hashed one row at a time (ck._array_checksum_by_rows), the same sum.
+    # Rows whole on each device: hashed one row at a time (integrity._array_checksum_by_rows), the same sum.
     assert checksum(values, jax.sharding.SingleDeviceSharding(jax.devices()[5])) == reference
     assert checksum(values, NamedSharding(MESH, P(None, "mp"))) == reference
     changed, moved = values.copy(), values.copy()
@@ -117,7 +117,7 @@ def test_damage_is_one_line_naming_the_step_and_the_newest_intact_step_stands_in
     assert message.startswith(f"checkpoint step 2 in {run_dir} is damaged: ") and expected in message
     assert "\n" not in message and len(message) < 700
 
-    with caplog.at_level(logging.WARNING, logger="mesh_transformer.training.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="mesh_transformer.checkpoints.store"):
         step, (state, metadata), passed_over = checkpoints.restore_newest(lambda s: checkpoints.restore(abstract, s))
     assert (step, passed_over, metadata) == (1, [2], {"step": 1})
     assert_trees_equal(state, make_state(1))
@@ -148,7 +148,7 @@ def test_a_checkpoint_restores_verified_onto_another_mesh(run_dir):
 
 
 def test_loading_parameters_for_inference_verifies_them(tmp_path, caplog):
-    from mesh_transformer.inference.weights import load_params
+    from mesh_transformer.checkpoints.params import load_params
     from mesh_transformer.models.transformer import abstract_params
     from mesh_transformer.sharding import mesh_from_shape
     from tests.helpers import tiny_config

@@ -13,13 +13,13 @@ Atomicity comes from Orbax (orbax-checkpoint 0.12):
 Only finalized steps are listed, so a process killed mid-save leaves the previous checkpoint as the
 latest. Its leftover temporary directory is removed before this run's first save.
 
-Integrity: the metadata record also holds, under ``integrity``, a 64-bit checksum, the shape and the
-dtype of every array, and a crc32c of the metadata and those records. Restoring verifies what it reads
-against them; unreadable files or a mismatch raise ``BadCheckpoint`` naming the step (and the array).
-The checksum hashes each element's bits with its position, computed on the devices where the array
-lives: no extra host copy, every process gets the same value, and it is the same on any mesh, so a
-checkpoint is verified wherever it is restored. Checkpoints written before checksums existed restore
-unverified. A failed background save raises ``CheckpointSaveFailed`` at the next ``check_save``.
+Integrity: the metadata record also holds, under ``integrity``, the checksum, shape and dtype of every
+array and a crc32c of the metadata and those entries (``checkpoints.integrity``). Restoring verifies
+what it reads against them; unreadable files or a mismatch raise ``BadCheckpoint`` naming the step (and
+the array). Checkpoints written before checksums existed restore unverified. A failed background save
+raises ``CheckpointSaveFailed`` at the next ``check_save``.
+
+What a training checkpoint's state and metadata hold is ``checkpoints.format``'s.
 """
 
 from __future__ import annotations
@@ -33,17 +33,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import crc32c
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax import lax
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from mesh_transformer import storage
+from mesh_transformer.checkpoints.integrity import checksums, integrity_record, named_leaves, record_crc
 from mesh_transformer.sharding import any_process
 
 logger = logging.getLogger(__name__)
@@ -143,102 +140,6 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:400] if lines else ''}"
 
 
-# ----- array checksums -----
-
-_SEEDS = (0x243F6A88, 0x85A308D3)  # two independent 32-bit lanes make a 64-bit checksum
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's finalizer: flipping any input bit flips each output bit with probability ~1/2."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The bits of ``x`` as uint32, keeping its axes (and so its sharding); 8-byte types gain an axis of 2."""
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    if x.dtype.itemsize >= 4:
-        return lax.bitcast_convert_type(x, jnp.uint32)
-    return lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-
-
-def _positions(shape: tuple[int, ...]) -> jax.Array:
-    """Each element's row-major index (mod 2**32), built from iotas: flattening would reshard the array."""
-    index = jnp.zeros(shape, jnp.uint32)
-    for axis, size in enumerate(shape):
-        index = index * np.uint32(size) + lax.broadcasted_iota(jnp.uint32, shape, axis)
-    return index
-
-
-def _hash_sums(words: jax.Array, positions: jax.Array) -> jax.Array:
-    """Sum over elements of hash(bits, position), one 32-bit lane per seed."""
-    return jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(positions * np.uint32(0x9E3779B9) + np.uint32(seed))),
-                              dtype=jnp.uint32) for seed in _SEEDS])
-
-
-@jax.jit
-def _array_checksum(x: jax.Array) -> jax.Array:
-    """Any changed, lost or moved element changes it."""
-    words = _words(x)
-    return _hash_sums(words, _positions(words.shape))
-
-
-@jax.jit
-def _array_checksum_by_rows(x: jax.Array) -> jax.Array:
-    """``_array_checksum``, one slice of the leading axis at a time (the sums are the same). XLA:CPU
-    writes the hashed values out before summing them, so hashing a layer-stacked parameter whole
-    took scratch memory of twice its size (15 GB for GPT-J-6B's fc_in); per slice it is one layer's."""
-    def add_row(i, sums):
-        row = _words(lax.dynamic_index_in_dim(x, i, keepdims=False))
-        return sums + _hash_sums(row, _positions(row.shape) + i.astype(jnp.uint32) * np.uint32(row.size % 2**32))
-
-    return lax.fori_loop(0, x.shape[0], add_row, jnp.zeros(len(_SEEDS), jnp.uint32))
-
-
-def _checksum_of(array: jax.Array) -> jax.Array:
-    # Slicing a leading axis that is split over devices would gather it: those arrays are hashed whole.
-    spec = getattr(array.sharding, "spec", ())
-    split_rows = len(spec) > 0 and spec[0] is not None
-    return _array_checksum(array) if array.ndim < 2 or split_rows else _array_checksum_by_rows(array)
-
-
-def _leaf_name(path: tuple) -> str:
-    """``params/transformer/...``: the same for a dataclass state and the dict of its fields."""
-    return "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
-
-
-def _named_leaves(tree: Any) -> dict[str, Any]:
-    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _checksums(arrays: dict[str, jax.Array]) -> dict[str, str]:
-    """One array at a time: several programs with collectives in flight at once can deadlock XLA's CPU
-    runtime. One program per shape and sharding, shared by every state and subset of it."""
-    checksums = {}
-    for name, array in arrays.items():
-        # Replicated: any local copy will do, also where the array spans several processes.
-        digest = np.asarray(_checksum_of(array).addressable_data(0))
-        checksums[name] = "".join(f"{int(word):08x}" for word in digest)
-    return checksums
-
-
-def _record_crc(metadata: dict, arrays: dict) -> int:
-    """crc32c of the metadata and the array records: JSON has no checksum of its own."""
-    return crc32c.crc32c(json.dumps([metadata, arrays], sort_keys=True).encode())
-
-
-def _integrity_record(state: Any, metadata: dict) -> dict:
-    leaves = _named_leaves(state)
-    checksums = _checksums(leaves)
-    arrays = {name: {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype), "checksum": checksums[name]}
-              for name, leaf in leaves.items()}
-    return {"crc32c": _record_crc(metadata, arrays), "arrays": arrays}
-
-
 def _move_tree(source: epath.Path, target: epath.Path) -> None:
     """A rename locally. On object stores every object is copied (server side) before any is deleted, so a
     failure leaves the source complete (fsspec's recursive move ignores copy errors). Through epath, so
@@ -323,7 +224,7 @@ class Checkpointer:
             logger.info("Checkpoint for step %d already exists in %s; not saving again", step, self.directory)
             return
         self._remove_unfinished_saves()
-        record = {**metadata, INTEGRITY_KEY: _integrity_record(state, metadata)}
+        record = {**metadata, INTEGRITY_KEY: integrity_record(state, metadata)}
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: ocp.args.JsonSave(record)}
         )
@@ -436,9 +337,9 @@ class Checkpointer:
     def _check_record(self, step: int, metadata: dict, record: dict, target: Any, partial: bool) -> None:
         """The record is intact, and the checkpoint holds every array ``target`` asks for in its shape."""
         saved = record.get("arrays") if isinstance(record, dict) else None
-        if not isinstance(saved, dict) or record.get("crc32c") != _record_crc(metadata, saved):
+        if not isinstance(saved, dict) or record.get("crc32c") != record_crc(metadata, saved):
             raise BadCheckpoint(self.directory, step, "its metadata does not match the crc32c recorded at save")
-        wanted = _named_leaves(target)
+        wanted = named_leaves(target)
         missing = [name for name in wanted if name not in saved]
         if missing:
             raise self._mismatch(step, f"it holds no array {missing[0]} ({len(missing)} asked for are missing)")
@@ -453,13 +354,13 @@ class Checkpointer:
 
     def _verify(self, step: int, state: Any, saved: dict) -> None:
         """Each restored array's checksum equals the one recorded at save."""
-        leaves = _named_leaves(state)
+        leaves = named_leaves(state)
         # Restoring into another dtype converts the values, so their bits cannot match the saved ones.
         same_dtype = {name: leaf for name, leaf in leaves.items() if str(leaf.dtype) == saved[name]["dtype"]}
         if len(same_dtype) < len(leaves):
             logger.info("checkpoint step %d in %s: %d arrays restored into another dtype are not verified",
                         step, self.directory, len(leaves) - len(same_dtype))
-        bad = [name for name, checksum in _checksums(same_dtype).items() if checksum != saved[name]["checksum"]]
+        bad = [name for name, checksum in checksums(same_dtype).items() if checksum != saved[name]["checksum"]]
         if bad:
             others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise BadCheckpoint(self.directory, step,
