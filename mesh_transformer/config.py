@@ -5,7 +5,8 @@ Every key of the original configs is accepted with its original meaning; new key
 dataclasses defined here, never raw dicts.
 
 A key is one dataclass field, and its declared type is its check: ``Literal[...]`` for a
-choice, ``Annotated[..., Check]`` for a range (``PositiveInt``...). ``build_config`` reads a flat
+choice, ``Annotated[..., Check]`` for a range (``PositiveInt``...), and every number must be finite.
+A file may give a key once per object (``read_config_dict``). ``build_config`` reads a flat
 dict into the sections, checking each value against its field's type, then runs the few checks
 that relate several keys (``validate``). This module knows no kernel, mesh, data loader or
 architecture: ``models/registry.py`` expands presets and architectures (``load_config``,
@@ -86,8 +87,8 @@ class ModelConfig:
     pe: Literal["rotary", "fixed"] = "rotary"
     pe_rotary_dims: int | None = None
     rotary_style: Literal["gptj", "neox"] = "gptj"
-    rotary_base: float = 10000.0
-    layer_norm_eps: float = 1e-5
+    rotary_base: PositiveFloat = 10000.0
+    layer_norm_eps: PositiveFloat = 1e-5
     d_head: int | None = None
     n_kv_heads: PositiveInt | None = None  # grouped-query attention: fewer key/value heads than query heads
     param_dtype: Dtype = "float32"
@@ -151,14 +152,14 @@ class MeshConfig:
 @dataclass(frozen=True)
 class OptimizerConfig:
     lr: NonNegativeFloat
-    end_lr: float | None = None
+    end_lr: NonNegativeFloat | None = None
     warmup_steps: NonNegativeInt = 0
     anneal_steps: NonNegativeInt = 0
     weight_decay: NonNegativeFloat = 0.0
-    grad_clip: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+    grad_clip: PositiveFloat = 1.0  # the global norm gradients are clipped at (0 would zero every update)
+    b1: Annotated[float, FRACTION] = 0.9
+    b2: Annotated[float, FRACTION] = 0.999
+    eps: PositiveFloat = 1e-8
     z_loss: NonNegativeFloat = 0.0
 
     @property
@@ -295,14 +296,41 @@ def _normalised(path: str) -> str:
 
 def _read_json_object(path: str) -> dict[str, Any]:
     try:
-        raw = json.loads(storage.read_text(path))
+        raw = _without_repeated_keys(json.loads(storage.read_text(path), object_pairs_hook=_JsonObject), "", path)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text, so not a JSON config ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON: nested too deeply to be read") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
     return raw
+
+
+class _JsonObject(list):
+    """A JSON object's (key, value) pairs in the file's order, kept so that a repeated key is seen: ``json``
+    itself keeps the last value of a key silently."""
+
+
+def _without_repeated_keys(value: Any, path: str, source: str) -> Any:
+    """``value`` with its ``_JsonObject``s as dicts; ConfigError naming a key (as "mesh.dp" inside an
+    object) that one object gives twice, and both values."""
+    if isinstance(value, _JsonObject):
+        unique: dict[str, Any] = {}
+        for key, item in value:
+            name = f"{path}.{key}" if path else key
+            item = _without_repeated_keys(item, name, source)
+            if key in unique:
+                raise ConfigError(f"{source}: config key {name!r} is given twice, as {unique[key]!r} and {item!r}; "
+                                  "keep one.")
+            unique[key] = item
+        return unique
+    if isinstance(value, list):
+        return [_without_repeated_keys(item, path, source) for item in value]
+    return value
 
 
 def build_config(flat: dict[str, Any], source: str = "<dict>") -> Config:
@@ -415,7 +443,7 @@ def checked_value(source: str, key: str, value: Any, tp: Any) -> Any:
                           f"got {value!r} ({type(value).__name__}).")
     declared, checks = _unannotated(declared)
     value = _as_declared(value, declared)
-    problem = _choice_problem(value, declared) or next(
+    problem = _choice_problem(value, declared) or _non_finite_problem(value, declared) or next(
         (f"must be {check.text}, got {value}" for check in checks if not check.holds(value)), None)
     if problem:
         raise ConfigError(f"{source}: config key {key!r} {problem}.")
@@ -429,6 +457,14 @@ def _choice_problem(value: Any, tp: Any) -> str | None:
     if typing.get_origin(tp) is not Literal or value in typing.get_args(tp):
         return None
     return f"is {value!r}; supported values: {', '.join(typing.get_args(tp))}"
+
+
+def _non_finite_problem(value: Any, tp: Any) -> str | None:
+    """No number of a config means anything as NaN or infinity, which Python's json reads (``NaN``,
+    ``Infinity``, ``1e999``) although JSON has no such values."""
+    if tp is float and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    return None
 
 
 def _alternative_matched(value: Any, tp: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Small shared builders for tests: tiny configs and learnable token streams."""
+"""Small shared builders for tests: tiny configs, learnable token streams, checkpoints made old."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from mesh_transformer.checkpoints.store import INTEGRITY_KEY, VERSION_KEY
 from mesh_transformer.config import Config
 from mesh_transformer.models.registry import parse_config
 
@@ -32,6 +33,15 @@ def counting_batch(seed: int, batch: int, seq: int, vocab: int) -> tuple[np.ndar
     starts = np.random.RandomState(seed).randint(0, vocab, (1, batch, 1))
     tokens = ((starts + np.arange(seq + 1)) % vocab).astype(np.int32)
     return tokens, np.ones(tokens.shape, np.float32)
+
+
+def strip_checksums(step_dir: Path) -> None:
+    """Make a checkpoint look like one written before checksums were recorded: no checksums, and no
+    format version either (versions before checksums wrote none)."""
+    path = step_dir / "metadata" / "metadata"
+    metadata = json.loads(path.read_text())
+    del metadata[INTEGRITY_KEY], metadata[VERSION_KEY]
+    path.write_text(json.dumps(metadata))
 
 
 def strict_json(line: str) -> dict:

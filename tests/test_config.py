@@ -102,6 +102,79 @@ def test_legacy_only_keys_are_accepted():
     parse_config(dict(BASE, early_cast=True, bf16_optimizer=False, eval_only=False, d_head=8))
 
 
+# ----- optimizer values: finite and in range -----
+
+LORA = {"rank": 4, "alpha": 8, "targets": ["q_proj"]}
+
+
+def write_config_text(path: Path, members: str, key: str) -> str:
+    """A config file of BASE, without ``key``, and then ``members``: JSON text as typed, which json.dumps
+    could not write."""
+    path.write_text(json.dumps({k: v for k, v in BASE.items() if k != key})[:-1] + ", " + members + "}")
+    return str(path)
+
+
+@pytest.mark.parametrize("text,key", [
+    ('"lr": NaN', "lr"), ('"lr": Infinity', "lr"), ('"lr": -Infinity', "lr"), ('"grad_clip": NaN', "grad_clip"),
+    ('"end_lr": NaN', "end_lr"), ('"b1": NaN', "b1"), ('"spike_threshold": Infinity', "spike_threshold"),
+    ('"rotary_base": 1e999', "rotary_base"),
+])
+def test_a_value_that_is_not_finite_is_one_line_naming_the_key(tmp_path, text, key):
+    """Python's json reads the NaN and Infinity that JSON does not have (and 1e999 as infinity)."""
+    path = write_config_text(tmp_path / "my.json", text, key)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: config key {key!r} must be a finite number, got ") and "\n" not in message
+
+
+@pytest.mark.parametrize("change,key,rule", [
+    (dict(b1=1.0), "b1", "in [0, 1)"), (dict(b2=1.5), "b2", "in [0, 1)"), (dict(b2=-0.1), "b2", "in [0, 1)"),
+    (dict(eps=0), "eps", "> 0"), (dict(grad_clip=-1), "grad_clip", "> 0"), (dict(grad_clip=0), "grad_clip", "> 0"),
+    (dict(end_lr=-1e-5), "end_lr", ">= 0"), (dict(weight_decay=-0.1), "weight_decay", ">= 0"),
+    (dict(z_loss=-1e-4), "z_loss", ">= 0"), (dict(spike_threshold=0), "spike_threshold", "> 0"),
+    (dict(layer_norm_eps=0), "layer_norm_eps", "> 0"), (dict(rotary_base=-1), "rotary_base", "> 0"),
+    (dict(lora=dict(LORA, alpha=0)), "lora.alpha", "> 0"), (dict(lora=dict(LORA, alpha=float("nan"))), "lora.alpha",
+                                                              "a finite number"),
+])
+def test_an_optimizer_value_out_of_its_range_is_one_line_naming_the_key(change, key, rule):
+    with pytest.raises(ConfigError) as error:
+        parse_config(dict(BASE, **change), source="my.json")
+    message = str(error.value)
+    assert message.startswith(f"my.json: config key {key!r} must be {rule}, got ") and "\n" not in message
+
+
+def test_the_edges_of_the_ranges_are_allowed():
+    optimizer = parse_config(dict(BASE, lr=0, end_lr=0, b1=0, b2=0, weight_decay=0, z_loss=0)).optimizer
+    assert (optimizer.lr, optimizer.final_lr, optimizer.b1, optimizer.b2) == (0.0, 0.0, 0.0, 0.0)
+
+
+# ----- duplicate keys -----
+
+@pytest.mark.parametrize("text,key,values", [
+    ('"layers": 4, "layers": 999', "layers", "4 and 999"),
+    ('"mesh": {"dp": 2, "mp": 1, "dp": 4}', "mesh.dp", "2 and 4"),
+    ('"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj"], "rank": 8}', "lora.rank", "4 and 8"),
+    ('"train_set": {"a.index": 1, "b.index": 1, "a.index": 3}', "train_set.a.index", "1 and 3"),
+    ('"mesh": {"dp": 2}, "mesh": {"dp": 4}', "mesh", "{'dp': 2} and {'dp': 4}"),
+])
+def test_a_key_given_twice_is_one_line_naming_it_and_both_values(tmp_path, text, key, values):
+    path = write_config_text(tmp_path / "my.json", text, key)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: config key {key!r} is given twice, as {values}") and "\n" not in message
+
+
+def test_a_key_given_twice_in_a_base_file_is_an_error_and_overriding_a_base_key_is_not(tmp_path):
+    write_json_file(tmp_path / "base.json", dict(BASE, layers=3))
+    config = load_config(write_json_file(tmp_path / "child.json", dict(extends="base.json", layers=5)))
+    assert config.model.layers == 5
+    write_config_text(tmp_path / "twice.json", '"seq": 8, "seq": 32', "seq")
+    with pytest.raises(ConfigError, match=r"twice.json: config key 'seq' is given twice, as 8 and 32"):
+        load_config(write_json_file(tmp_path / "child2.json", dict(extends="twice.json", layers=5)))
+
+
 # ----- presets ("model") and "extends" -----
 
 # The published Hugging Face configs (config.json of each EleutherAI model): their shape keys; the rest

@@ -16,8 +16,11 @@ latest. Its leftover temporary directory is removed before this run's first save
 Integrity: the metadata record also holds, under ``integrity``, the checksum, shape and dtype of every
 array and a crc32c of the metadata and those entries (``checkpoints.integrity``). Restoring verifies
 what it reads against them; unreadable files or a mismatch raise ``BadCheckpoint`` naming the step (and
-the array). Checkpoints written before checksums existed restore unverified. A failed background save
-raises ``CheckpointSaveFailed`` at the next ``check_save``.
+the array). Every save also records ``VERSION_KEY``: a checkpoint that has it but no checksums lost
+them, and is damaged too. Checkpoints written before checksums existed have neither, and restore
+unverified with a warning; those written with checksums before the version key existed (the fixture
+``tests/fixtures/checkpoint_v2026_12``) are verified. A failed background save raises
+``CheckpointSaveFailed`` at the next ``check_save``.
 
 What a training checkpoint's state and metadata hold is ``checkpoints.format``'s.
 """
@@ -49,6 +52,8 @@ STEP_PREFIX = "step"
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 INTEGRITY_KEY = "integrity"  # reserved in the metadata record: see the module doc
+VERSION_KEY = "checkpoint_version"  # reserved too, and covered by the crc32c: the record's layout
+VERSION = 1  # checksums required. Records without the key: from before checksums, or from before the key
 SET_ASIDE_SUFFIX = ".bad"  # step_N.bad: a checkpoint moved out of the way; neither Orbax nor we list it
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
 _UNFINISHED_STEP_DIR = re.compile(rf"^{STEP_PREFIX}_\d+({re.escape(ocp.path.step.TMP_DIR_SUFFIX)}.*)?$")
@@ -194,6 +199,7 @@ class Checkpointer:
             item_handlers={STATE_ITEM: _state_handler(directory, compress), METADATA_ITEM: ocp.JsonCheckpointHandler()},
         )
         self._cleaned_unfinished = False
+        self._warned_unverified: set[int] = set()  # restoring a step reads it several times: warn once
         self.step_in_flight: int | None = None  # the step of the save started last, until its outcome is known
 
     def steps(self) -> list[int]:
@@ -217,14 +223,16 @@ class Checkpointer:
             json.dumps(metadata)
         except (TypeError, ValueError) as e:
             raise TypeError(f"checkpoint metadata for step {step} must be JSON-serializable: {e}") from e
-        if INTEGRITY_KEY in metadata:
-            raise ValueError(f"checkpoint metadata for step {step} may not use the reserved key {INTEGRITY_KEY!r}")
+        reserved = [key for key in (INTEGRITY_KEY, VERSION_KEY) if key in metadata]
+        if reserved:
+            raise ValueError(f"checkpoint metadata for step {step} may not use the reserved key {reserved[0]!r}")
         self.wait()  # Orbax would wait for the previous save anyway; this names its step if it failed
         if step in self._manager.all_steps():
             logger.info("Checkpoint for step %d already exists in %s; not saving again", step, self.directory)
             return
         self._remove_unfinished_saves()
-        record = {**metadata, INTEGRITY_KEY: integrity_record(state, metadata)}
+        versioned = {**metadata, VERSION_KEY: VERSION}
+        record = {**versioned, INTEGRITY_KEY: integrity_record(state, versioned)}
         args = ocp.args.Composite(
             **{STATE_ITEM: ocp.args.PyTreeSave(state), METADATA_ITEM: ocp.args.JsonSave(record)}
         )
@@ -292,11 +300,11 @@ class Checkpointer:
             raise BadCheckpoint(self.directory, step, f"its metadata is {type(metadata).__name__}, not a JSON object")
         record = metadata.pop(INTEGRITY_KEY, None)
         if record is None:
-            logger.info("checkpoint step %d in %s has no checksums (written by an older version): not verified",
-                        step, self.directory)
+            self._check_unverified(step, metadata)
             self._check_saved_keys(step, restore_keys)
         else:
             self._check_record(step, metadata, record, target, partial)
+        metadata.pop(VERSION_KEY, None)
         state_args = ocp.args.PyTreeRestore(
             item=target,
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -307,6 +315,15 @@ class Checkpointer:
         if record is not None:
             self._verify(step, state, record["arrays"])
         return state, metadata
+
+    def _check_unverified(self, step: int, metadata: dict) -> None:
+        """A checkpoint without checksums is old (warned about once), unless its version says it had them."""
+        if VERSION_KEY in metadata:
+            raise BadCheckpoint(self.directory, step, "its checksum record is missing from its metadata")
+        if step not in self._warned_unverified:
+            self._warned_unverified.add(step)
+            logger.warning("checkpoint step %d in %s has no checksums (written by a version before they were "
+                           "recorded): loaded unverified", step, self.directory)
 
     def _read(self, step: int, what: str, read: Callable[[], T]) -> T:
         """``read()``; ``BadCheckpoint`` on every process if it failed on any."""

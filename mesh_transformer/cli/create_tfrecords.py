@@ -4,10 +4,12 @@ mesh-transformer-jax TFRecords.
     create_finetune_tfrecords.py INPUT... NAME --output-dir DIR [options]
 
 Each INPUT is a file, a folder (searched recursively), a URL prefix or a glob of .txt, .xz, .jsonl,
-.jsonl.zst or .json.zst files. With one INPUT and none of the sharding options this writes
-DIR/NAME_{records}.tfrecords and, unless --no-index, DIR/NAME.index, as it always did. With several
-INPUTs or any sharding option (--sharded, --workers, --ray, --shard-size-mb, --unit-documents,
---include-sets, --exclude-sets) it writes many shards, a manifest and the index (docs/data.md).
+.jsonl.xz, .jsonl.zst, .json.zst or .tar.gz files; other files a folder or glob holds are skipped and
+listed. A truncated or corrupt archive is an error naming it. With one INPUT and none of the sharding
+options this writes DIR/NAME_{records}.tfrecords and, unless --no-index, DIR/NAME.index, as it always
+did. With several INPUTs or any sharding option (--sharded, --workers, --ray, --shard-size-mb,
+--unit-documents, --include-sets, --exclude-sets) it writes many shards, a manifest and the index
+(docs/data.md). Bad input ends it with one line "error: ..." and exit status 2.
 """
 
 from __future__ import annotations
@@ -101,7 +103,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     packing.add_argument("--preserve-data-order", action="store_true", help="do not shuffle")
     packing.add_argument(
         "--shuffle-buffer-tokens", type=int, default=defaults.shuffle_buffer_tokens,
-        help=f"tokens of documents held for shuffling (default: {defaults.shuffle_buffer_tokens})",
+        help=f"tokens of documents held for shuffling: an input that fits is shuffled in the original "
+             f"script's order, a larger one in bounded memory (default: {defaults.shuffle_buffer_tokens})",
     )
     packing.add_argument(
         "--seq-len", type=int, default=defaults.seq_len,
@@ -152,7 +155,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     )
 
 
-@one_line_errors(PrepareError, TokenizerError, status=1, exits=True)
+@one_line_errors(PrepareError, TokenizerError, exits=True)
 def prepare(args: argparse.Namespace) -> int:
     """One file and its index, or with ``wants_shards`` the sharded layout (``mtj-data prepare``)."""
     setup_logging()

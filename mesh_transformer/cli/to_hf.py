@@ -44,7 +44,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a step_N checkpoint directory or a run directory (its newest step); a "
                              "mesh-transformer-jax v1 checkpoint also works")
     parser.add_argument("--config", required=True, help="the JSON config the checkpoint was trained with")
-    parser.add_argument("--output-path", required=True, help="output directory (local path or URL)")
+    parser.add_argument("--output-path", required=True,
+                        help="output directory (local path or URL); new or empty unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export into a non-empty --output-path: the weights, index and configs of an earlier "
+                             "export there are replaced (other files are kept)")
     parser.add_argument("--dtype", default=None, choices=sorted(OUTPUT_DTYPES),
                         help="dtype of the written weights (default fp16, as the original exporter; a --lora "
                              "adapter: fp32, as peft keeps adapters)")
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     summary = export_to_hf(args.input_ckpt, config, args.output_path, dtype=args.dtype,
                            max_shard_bytes=args.max_shard_size, show_progress=not args.no_progress,
-                           lora_export=args.lora, base_model=args.base_model)
+                           lora_export=args.lora, base_model=args.base_model, overwrite=args.overwrite)
     print(f"wrote {summary.architecture} ({summary.tensors} tensors, {summary.dtype}, "
           f"{len(summary.files)} file(s)) to {summary.output_dir}")
     return 0

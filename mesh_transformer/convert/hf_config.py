@@ -7,18 +7,19 @@ both directions share (the vocabulary size, the bos/eos ids).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 from mesh_transformer.config import ModelConfig
+from mesh_transformer.convert.model_folder import folder_file, read_json_object
 from mesh_transformer.errors import ConfigError, ConversionError
 from mesh_transformer.models.architecture import Architecture, refuse
 from mesh_transformer.models.registry import architecture_of, architecture_of_hf, architecture_of_hf_config
 
 log = logging.getLogger(__name__)
 
+HF_CONFIG_FILE = "config.json"
 GPT2_EOS_ID = 50256  # the original exporter's bos/eos, used when the tokenizer cannot be loaded
 
 
@@ -80,15 +81,24 @@ def generation_config(hf_config, tokenizer) -> dict[str, Any]:
 
 def read_hf_config(directory: str):
     """The transformers config of ``directory``; unsupported model types are refused by name first."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    config_file = os.path.join(directory, "config.json")
-    if not os.path.exists(config_file):
-        raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    with open(config_file) as f:
-        raw = json.load(f)
-    architecture_of_hf(raw.get("model_type"), raw.get("architectures"))
-    return AutoConfig.from_pretrained(directory)
+    if not os.path.lexists(os.path.join(directory, HF_CONFIG_FILE)):
+        raise ConversionError(f"{directory}: no {HF_CONFIG_FILE} (not a Hugging Face model directory)")
+    config_file = folder_file(directory, HF_CONFIG_FILE)
+    raw = read_json_object(config_file)
+    model_type, hf_classes = raw.get("model_type"), raw.get("architectures")
+    if not isinstance(model_type, str):
+        raise ConversionError(f"{config_file}: model_type is {model_type!r}, not the name of an architecture")
+    if hf_classes is not None and not (isinstance(hf_classes, list) and all(isinstance(c, str) for c in hf_classes)):
+        raise ConversionError(f"{config_file}: architectures is {hf_classes!r}"[:300] + ", not a list of class names")
+    architecture_of_hf(model_type, hf_classes)
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, TypeError, ArithmeticError, OSError, StrictDataclassError) as e:  # refused by transformers
+        reason = " ".join(str(e).split())  # one line: the hub's validation errors span several
+        raise ConversionError(f"{config_file}: transformers cannot read it: {reason}") from None
 
 
 def hf_config_to_model_config(hf_config) -> dict[str, Any]:
@@ -98,6 +108,6 @@ def hf_config_to_model_config(hf_config) -> dict[str, Any]:
     """
     arch = architecture_of_hf_config(hf_config)
     keys = {"architecture": arch.name, **arch.model_keys_from_hf(hf_config), "n_vocab": hf_config.vocab_size}
-    refuse(keys["d_model"] % keys["n_heads"] != 0,
+    refuse(keys["n_heads"] == 0 or keys["d_model"] % keys["n_heads"] != 0,
            f"hidden size {keys['d_model']} is not divisible by the number of heads {keys['n_heads']}.")
     return keys

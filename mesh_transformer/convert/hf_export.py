@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,9 @@ OUTPUT_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 LORA_EXPORTS = ("merged", "adapter")
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# The files an export writes (besides the tokenizer's): removed from the output before an --overwrite.
+EXPORT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
+                         r"(generation_|adapter_)?config\.json|adapter_model\.safetensors")
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class ExportSummary:
 
 def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, show_progress: bool = True,
-                 lora_export: str = "merged", base_model: str | None = None) -> ExportSummary:
+                 lora_export: str = "merged", base_model: str | None = None, overwrite: bool = False) -> ExportSummary:
     """Write ``checkpoint`` (native step_N / run dir, or legacy) as a Hugging Face model directory.
 
     The result loads with ``AutoModelForCausalLM.from_pretrained(output_dir)``; config.json is written
@@ -61,6 +66,10 @@ def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str | 
     ``lora_export="merged"`` writes the base with the adapters merged in, a plain model;
     ``"adapter"`` writes only the adapters in peft's format (``export_lora_adapter``). ``dtype``
     defaults to fp16 for models (as the original exporter) and fp32 for adapters (as peft keeps them).
+
+    A non-empty ``output_dir`` is refused unless ``overwrite``; then the files an export writes that are
+    there (weights, index, configs) are removed once the checkpoint has been found, and written anew.
+    Nothing is written when the checkpoint or config is refused.
     """
     if lora_export not in LORA_EXPORTS:
         raise ValueError(f"lora_export {lora_export!r} is not one of {', '.join(LORA_EXPORTS)}")
@@ -69,6 +78,9 @@ def export_to_hf(checkpoint: str, config: Config, output_dir: str, dtype: str | 
         raise ConversionError(f'{config.source} has no "lora" key, so {checkpoint} holds no adapters to export; '
                               "export the model without --lora adapter")
     out_dtype = _output_dtype(dtype or ("fp32" if adapter else "fp16"))
+    if not overwrite and _entries(output_dir):
+        raise ConversionError(f"{output_dir} already exists and is not empty; export into a new directory, or "
+                              "pass --overwrite to replace the export in it")
     architecture_for(config.model, config.source)  # before anything is read: HF must represent the model
     if config.lora is None:
         return _export_model(lambda: open_checkpoint_params(checkpoint, config), config, output_dir, out_dtype,
@@ -97,11 +109,11 @@ def _export_model(open_params: Callable[[], ParamSource], config: Config, output
     tokenizer = load_tokenizer_or_none(config.run.tokenizer)
     hf_config = config_to_hf(model, tokenizer, config.source, dtype=out_dtype)
     expected = expected_param_shapes(model)
-    storage.makedirs(output_dir)
     params = open_params()
     try:
         check_param_shapes(params.shapes(), expected, params.where, config)
         plan = tensor_plan(arch, model, expected)
+        _make_empty_of_exports(output_dir)
         shards = plan_shards(plan, numpy_dtype(out_dtype).itemsize, max_shard_bytes)
         progress = tqdm(total=len(plan), unit="tensor", desc=f"export {arch.title}", disable=not show_progress)
         with ShardedSafetensorsWriter(output_dir, shards, out_dtype) as writer, progress:
@@ -142,7 +154,7 @@ def export_lora_adapter(run: LoraRun, config: Config, output_dir: str, out_dtype
     adapted = lora.adapted_model(config)
     tensors = lora.peft_tensors(adapted, run.adapters)
     plan = [(name, array.shape) for name, array in tensors.items()]
-    storage.makedirs(output_dir)
+    _make_empty_of_exports(output_dir)
     with ShardedSafetensorsWriter(output_dir, [plan], out_dtype, files=[ADAPTER_WEIGHTS_FILE]) as writer:
         for name, array in tensors.items():
             writer.write(name, array)
@@ -152,6 +164,28 @@ def export_lora_adapter(run: LoraRun, config: Config, output_dir: str, out_dtype
              len(plan), total / 1e6, out_dtype)
     return ExportSummary(output_dir, f"a peft LoRA adapter for {arch.hf_class}", writer.files, len(plan), total,
                          out_dtype)
+
+
+def _entries(output_dir: str) -> list[str]:
+    """The names in ``output_dir`` (none when it does not exist)."""
+    fs, path = storage.filesystem(output_dir)
+    if not fs.exists(path):
+        return []
+    if not fs.isdir(path):
+        raise ConversionError(f"{output_dir} is a file, not a directory to export into")
+    return [posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False)]
+
+
+def _make_empty_of_exports(output_dir: str) -> None:
+    """Create ``output_dir``, or remove from it the files an earlier export wrote: a stale
+    ``model.safetensors`` would be loaded instead of a new sharded index, and config.json is written
+    last so that its presence means the export finished."""
+    storage.makedirs(output_dir)
+    fs, path = storage.filesystem(output_dir)
+    for name in _entries(output_dir):
+        if EXPORT_FILE.fullmatch(name):
+            log.info("removing %s of an earlier export", storage.join(output_dir, name))
+            fs.rm(posixpath.join(path, name))
 
 
 def _write_hf_metadata(output_dir: str, config: Config, arch: Architecture, hf_config, tokenizer) -> None:

@@ -25,13 +25,16 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mesh_transformer import storage
+from mesh_transformer.checkpoints.locate import IMPORT_CHECKPOINT_DIR
 from mesh_transformer.config import Config, ModelConfig
-from mesh_transformer.convert.hf_config import hf_config_to_model_config, read_hf_config
+from mesh_transformer.convert.hf_config import HF_CONFIG_FILE, hf_config_to_model_config, read_hf_config
 from mesh_transformer.convert.native import save_step_zero
 from mesh_transformer.convert.safetensors import INDEX_FILE, SafetensorsWeights, numpy_dtype
 from mesh_transformer.convert.tensor_table import (check_table_covers, expected_param_shapes, flatten_params, hf_shape,
                                                    shape_summary, unflatten_params)
-from mesh_transformer.convert.tokenizer_files import TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer_files
+from mesh_transformer.convert.model_folder import folder_file
+from mesh_transformer.convert.tokenizer_files import (TOKENIZER_FILES, copy_tokenizer_files, has_tokenizer_files,
+                                                      present_tokenizer_files)
 from mesh_transformer.errors import ConversionError
 from mesh_transformer.models.architecture import Architecture, Rule
 from mesh_transformer.models.registry import architecture_of_hf_config, parse_config, to_json_dict
@@ -40,7 +43,6 @@ from mesh_transformer.training.steps import Trainer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoint"
 TOKENIZER_SUBDIR = "tokenizer"
 HUB_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
 
@@ -219,7 +221,7 @@ def import_hf(hf_path: str, output_dir: str, *, revision: str | None = None, par
     if pad_vocab_multiple < 1:
         raise ValueError(f"pad_vocab_multiple must be >= 1, got {pad_vocab_multiple}")
     output_dir = os.path.abspath(output_dir)
-    checkpoint_dir = os.path.join(output_dir, CHECKPOINT_SUBDIR)
+    checkpoint_dir = os.path.join(output_dir, IMPORT_CHECKPOINT_DIR)
     if os.path.exists(checkpoint_dir) and os.listdir(checkpoint_dir):
         raise ConversionError(f"{checkpoint_dir} already exists and is not empty; import into a new output directory")
     source = resolve_hf_source(hf_path, revision)
@@ -229,11 +231,14 @@ def import_hf(hf_path: str, output_dir: str, *, revision: str | None = None, par
     hf_vocab = model_keys["n_vocab"]
     model_keys["n_vocab"] = _round_up(hf_vocab, pad_vocab_multiple)
     tokenizer_dir = os.path.join(output_dir, TOKENIZER_SUBDIR) if has_tokenizer_files(source) else None
+    for name in present_tokenizer_files(source):  # before anything is written: copied only from inside
+        folder_file(source, name)
     if tokenizer_dir is None:
         log.warning("%s has no tokenizer files; the config names 'gpt2' - set \"tokenizer\" if that is wrong", hf_path)
     raw = imported_config(hf_path, model_keys, arch, checkpoint_dir, tokenizer_dir, param_dtype, seed)
     config_path = os.path.join(output_dir, "config.json")
-    config = parse_config(raw, source=config_path)
+    # Errors name the Hugging Face config.json: its values are what a refused key came from.
+    config = parse_config(raw, source=os.path.join(source, HF_CONFIG_FILE))
 
     source_model, weights = dataclasses.replace(config.model, n_vocab=hf_vocab), SafetensorsWeights(source)
     plan = plan_import(arch, source_model, weights)

@@ -3,7 +3,9 @@
 The writer holds one tensor at a time: each file's header (names, shapes, byte offsets) is known
 from the plan, so it is written first and tensors are appended as they arrive. The reader parses the
 headers of ``model.safetensors`` or of the shards an index names, and reads one tensor at a time
-with a plain file read; pickled PyTorch weights are never loaded (they can run code).
+with a plain file read; pickled PyTorch weights are never loaded (they can run code). A model folder
+is not trusted: every header is checked whole before any tensor is read, and the index may name only
+files inside the folder (``convert/model_folder.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mesh_transformer import storage
+from mesh_transformer.convert.model_folder import folder_file, json_object, read_json_object
 from mesh_transformer.errors import ConversionError
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # Hugging Face's own default shard size
@@ -143,7 +146,12 @@ def cast_for_export(name: str, array: np.ndarray, dtype: str) -> np.ndarray:
 
 # Dtype codes of the safetensors format that a model's floating-point weights use.
 SAFETENSORS_READ_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# Every dtype code of the format, with its width in bits: a header's byte spans are checked against them.
+SAFETENSORS_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16,
+                          "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64,
+                          "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation's own limit
+METADATA_KEY = "__metadata__"
 
 
 @dataclass(frozen=True)
@@ -158,28 +166,57 @@ class StoredTensor:
 
 
 def read_safetensors_header(path: str) -> dict[str, StoredTensor]:
-    """Every tensor a safetensors file holds, from its header alone (no tensor data is read)."""
+    """Every tensor a safetensors file holds, from its header alone (no tensor data is read).
+
+    The header is checked whole, as the format defines it: a JSON object of tensor name -> {dtype (a
+    known code), shape (non-negative ints), data_offsets (two ints in order, spanning exactly the shape,
+    within the file)}, and an optional ``__metadata__`` object of strings. ConversionError otherwise."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         if not 0 < length <= MAX_HEADER_BYTES:
             raise ConversionError(f"{path}: not a safetensors file (header length {length})")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError as e:
-            raise ConversionError(f"{path}: the safetensors header is not valid JSON ({e})") from None
-    header.pop("__metadata__", None)
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            (begin, end), code, shape = entry["data_offsets"], entry["dtype"], tuple(entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: the safetensors header entry of tensor {name!r} is not "
-                                  f"{{dtype, shape, data_offsets}}: {entry!r}"[:500]) from None
-        tensors[name] = StoredTensor(path, 8 + length + begin, end - begin, code, shape)
-    needed, size = max((t.start + t.nbytes for t in tensors.values()), default=0), os.path.getsize(path)
+        if 8 + length > size:
+            raise ConversionError(f"{path}: truncated: its header needs {8 + length} bytes, the file has {size}")
+        header = json_object(f.read(length), path, what="the safetensors header")
+    _check_metadata(path, header.pop(METADATA_KEY, {}))
+    tensors = {name: _stored_tensor(path, name, entry, 8 + length) for name, entry in header.items()}
+    needed = max((t.start + t.nbytes for t in tensors.values()), default=0)
     if needed > size:
         raise ConversionError(f"{path}: truncated: its header places tensors up to byte {needed}, the file has {size}")
     return tensors
+
+
+def _check_metadata(path: str, metadata: Any) -> None:
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise ConversionError(f"{path}: the safetensors header's {METADATA_KEY} is not an object of strings: "
+                              f"{metadata!r}"[:300])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _stored_tensor(path: str, name: str, entry: Any, data_start: int) -> StoredTensor:
+    """One header entry, checked; its offsets made absolute (the data starts at ``data_start``)."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ConversionError(f"{path}: the safetensors header entry of tensor {name!r} is not "
+                              f"{{dtype, shape, data_offsets}}: {entry!r}"[:300])
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    problem = f"{path}: the safetensors header gives tensor {name!r}"
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPE_BITS:
+        raise ConversionError(f"{problem} dtype {code!r}"[:300] + ", not a safetensors dtype")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise ConversionError(f"{problem} shape {shape!r}"[:300] + ", not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ConversionError(f"{problem} data_offsets {offsets!r}"[:300] + ", not two non-negative integers "
+                              "[begin, end] in order")
+    nbytes, bits = offsets[1] - offsets[0], math.prod(shape) * SAFETENSORS_DTYPE_BITS[code]
+    if bits != 8 * nbytes:
+        raise ConversionError(f"{problem} {nbytes} bytes, but shape {tuple(shape)} of {code} needs "
+                              f"{bits / 8:g} bytes")
+    return StoredTensor(path, data_start + offsets[0], nbytes, code, tuple(shape))
 
 
 class SafetensorsWeights:
@@ -197,14 +234,10 @@ class SafetensorsWeights:
 
     @staticmethod
     def _tensor_files(directory: str) -> list[str]:
-        index = os.path.join(directory, INDEX_FILE)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            return [os.path.join(directory, file) for file in sorted(set(weight_map.values()))]
-        single = os.path.join(directory, SINGLE_FILE)
-        if os.path.exists(single):
-            return [single]
+        if os.path.lexists(os.path.join(directory, INDEX_FILE)):
+            return _indexed_files(directory)
+        if os.path.lexists(os.path.join(directory, SINGLE_FILE)):
+            return [folder_file(directory, SINGLE_FILE)]
         pickles = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
                    if os.path.exists(os.path.join(directory, f))]
         hint = (f"; it has {pickles[0]}, pickled PyTorch weights, which are never loaded here (they can run code). "
@@ -224,17 +257,12 @@ class SafetensorsWeights:
 
     def readable(self, name: str) -> np.dtype:
         """The dtype the tensor reads as; ConversionError unless it is a weights' floating-point type
-        and its bytes span exactly its shape (both known from the header, before anything is read)."""
+        (known from the header, before anything is read; the header checked that its bytes span its shape)."""
         stored = self.tensors[name]
         if stored.dtype_code not in SAFETENSORS_READ_DTYPES:
             raise ConversionError(f"{stored.file}: tensor {name!r} has dtype {stored.dtype_code}; only "
                                   f"{', '.join(SAFETENSORS_READ_DTYPES)} weights can be imported")
-        dtype = numpy_dtype(SAFETENSORS_READ_DTYPES[stored.dtype_code])
-        needed = math.prod(stored.shape) * dtype.itemsize
-        if needed != stored.nbytes:
-            raise ConversionError(f"{stored.file}: tensor {name!r} spans {stored.nbytes} bytes, but shape "
-                                  f"{stored.shape} of {stored.dtype_code} needs {needed}")
-        return dtype
+        return numpy_dtype(SAFETENSORS_READ_DTYPES[stored.dtype_code])
 
     def get(self, name: str) -> np.ndarray:
         stored = self.tensors[name]
@@ -246,6 +274,18 @@ class SafetensorsWeights:
             raise ConversionError(f"{stored.file}: truncated: tensor {name!r} needs {stored.nbytes} bytes from "
                                   f"offset {stored.start}, only {read} are there")
         return array
+
+
+def _indexed_files(directory: str) -> list[str]:
+    """The files the index of ``directory`` names, each checked to be a file inside the folder."""
+    index = folder_file(directory, INDEX_FILE)
+    weight_map = read_json_object(index).get("weight_map")
+    if weight_map is None:
+        raise ConversionError(f"{index}: no weight_map (the object of tensor name -> file name)")
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ConversionError(f"{index}: weight_map is not an object of tensor name -> file name: "
+                              f"{weight_map!r}"[:300])
+    return [folder_file(directory, file, named_by=index) for file in sorted(set(weight_map.values()))]
 
 
 def write_json(url: str, value: Any) -> None:

@@ -25,13 +25,17 @@ def has_tokenizer_files(directory: str) -> bool:
     return any(os.path.exists(os.path.join(directory, f)) for f in TOKENIZER_VOCAB_FILES)
 
 
+def present_tokenizer_files(directory: str) -> list[str]:
+    """The names of ``TOKENIZER_FILES`` that ``directory`` has (links included, dangling or not)."""
+    return [f for f in TOKENIZER_FILES if os.path.lexists(os.path.join(directory, f))]
+
+
 def copy_tokenizer_files(source_dir: str, destination: str) -> str | None:
     """Copy the source's tokenizer files byte for byte; the destination, or None if there are none."""
     if not has_tokenizer_files(source_dir):
         return None
-    present = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(source_dir, f))]
     os.makedirs(destination, exist_ok=True)
-    for name in present:
+    for name in present_tokenizer_files(source_dir):
         shutil.copyfile(os.path.join(source_dir, name), os.path.join(destination, name))
     return destination
 

@@ -133,6 +133,7 @@ class Manifest:
     settings: dict
     inputs: list[str]
     units: list[UnitRecord]
+    skipped_files: list[str] = field(default_factory=list)  # found with the inputs, not an input format
 
     @property
     def shards(self) -> list[ShardRecord]:
@@ -159,6 +160,7 @@ class Manifest:
             "name": self.name,
             "settings": self.settings,
             "inputs": self.inputs,
+            "skipped_files": self.skipped_files,
             "totals": {
                 "shards": len(shards),
                 "records": sum(s.records for s in shards),
@@ -181,7 +183,8 @@ class Manifest:
             if body.get("format") != MANIFEST_FORMAT:
                 raise ManifestError(f"{url}: not a manifest of format {MANIFEST_FORMAT!r}")
             units = [UnitRecord.from_dict(u) for u in body["units"]]
-            return cls(body["name"], body["settings"], body["inputs"], units)
+            # Manifests written before files were skipped have no "skipped_files".
+            return cls(body["name"], body["settings"], body["inputs"], units, body.get("skipped_files", []))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ManifestError(f"{url}: not a valid manifest ({type(e).__name__}: {e})") from None
 

@@ -26,7 +26,7 @@ import multiprocessing
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import crc32c
 import numpy as np
@@ -45,7 +45,14 @@ from mesh_transformer.data.manifest import (
     read_manifest,
     unit_key,
 )
-from mesh_transformer.data.documents import PrepareError, iter_documents_with_sets, list_input_files
+from mesh_transformer.data.documents import (
+    InputFiles,
+    PrepareError,
+    find_input_files,
+    iter_documents_with_sets,
+    select_input_files,
+    skipped_files_note,
+)
 from mesh_transformer.data.prepare import PrepareConfig, RecordPacker, buffered_shuffle, validate_config
 from mesh_transformer.data.tfrecord import encode_example, frame_record
 from mesh_transformer.tokenizer import Tokenizer, load_tokenizer
@@ -88,35 +95,40 @@ class ShardedSummary:
     tokens: int
     skipped: dict[str, int]
     resumed_units: int = 0
+    skipped_files: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
         return (f"{self.shards} shards, {self.records} records, {self.documents} documents, {self.tokens} tokens "
                 f"(skipped: {skipped}); manifest {self.manifest_url}"
-                + (f", index {self.index_url}" if self.index_url else ", no index (--no-index)"))
+                + (f", index {self.index_url}" if self.index_url else ", no index (--no-index)")
+                + (f"; {skipped_files_note(self.skipped_files)}" if self.skipped_files else ""))
 
 
 # ----------------------------------------------------------------------------------------------
 # The plan
 
 
-def _glob(pattern: str) -> list[str]:
+def _glob(pattern: str) -> InputFiles:
     fs, path = storage.filesystem(pattern)
     found = sorted(p for p in fs.glob(path) if not fs.isdir(p))
     if not found:
         raise PrepareError(f"input pattern {pattern!r} matches no files")
-    return found if storage.is_local(pattern) else [fs.unstrip_protocol(p) for p in found]
+    # Like a folder's files, those a pattern matches that are not an input format are skipped.
+    return select_input_files(found if storage.is_local(pattern) else map(fs.unstrip_protocol, found),
+                              f"input pattern {pattern!r}")
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[str]:
-    """Every input file, sorted and without repeats: paths, folders (recursive), URLs and globs."""
+def expand_inputs(inputs: Iterable[str]) -> InputFiles:
+    """Every input file, sorted and without repeats: paths, folders (recursive), URLs and globs; and the
+    files found that are not an input format."""
     files: set[str] = set()
+    skipped: set[str] = set()
     for spec in inputs:
-        files.update(_glob(spec) if any(c in spec for c in _GLOB_CHARACTERS) else list_input_files(spec))
-    ordered = sorted(files)
-    for url in ordered:  # a glob may match files of any type
-        list_input_files(url)
-    return ordered
+        found = _glob(spec) if any(c in spec for c in _GLOB_CHARACTERS) else find_input_files(spec)
+        files.update(found.files)
+        skipped.update(found.skipped)
+    return InputFiles(sorted(files), sorted(skipped))
 
 
 def output_settings(config: ShardedConfig, files: list[str], tokenizer: Tokenizer) -> dict:
@@ -330,8 +342,30 @@ def _tokenizer(spec: str) -> Tokenizer:
     return _TOKENIZERS[spec]
 
 
+def _forget_input(config: ShardedConfig, input_index: int) -> None:
+    """Remove every shard and unit record of an input file."""
+    fs, output = storage.filesystem(config.output_dir)
+    parts = storage.filesystem(parts_dir(config.output_dir, config.name))[1]
+    prefix = f"{input_index:05d}-"
+    shards, records = posixpath.join(output, f"{config.name}-{prefix}*.tfrecords"), posixpath.join(parts, f"{prefix}*")
+    for pattern in (shards, records):
+        for path in fs.glob(pattern):
+            fs.rm(path)
+
+
 def prepare_input(config: ShardedConfig, input_index: int, url: str) -> int:
-    """Write every unfinished unit of one input file; returns the tokens written for it."""
+    """Write every unfinished unit of one input file; returns the tokens written for it.
+
+    A file that cannot be read to its end (a truncated or corrupt archive, invalid JSON...) leaves
+    nothing behind, not even its finished units: what they hold may have come from damaged data."""
+    try:
+        return _prepare_units(config, input_index, url)
+    except PrepareError:
+        _forget_input(config, input_index)
+        raise
+
+
+def _prepare_units(config: ShardedConfig, input_index: int, url: str) -> int:
     tokenizer = _tokenizer(config.tokenizer)
     keys, tokens = [], 0
     for epoch in range(config.n_repack_epochs):
@@ -452,7 +486,7 @@ def _finish(config: ShardedConfig, manifest: Manifest) -> ShardedSummary:
     return ShardedSummary(
         index_url=index_url if config.write_index else None, manifest_url=manifest_path, shards=len(shards),
         records=sum(s.records for s in shards), documents=sum(t.documents for t in inputs),
-        tokens=sum(s.tokens for s in shards), skipped=skipped,
+        tokens=sum(s.tokens for s in shards), skipped=skipped, skipped_files=manifest.skipped_files,
     )
 
 
@@ -469,7 +503,8 @@ def _all_units(config: ShardedConfig, files: list[str]) -> list[UnitRecord]:
 def prepare_sharded(config: ShardedConfig) -> ShardedSummary:
     """Prepare ``config.inputs`` into shards, a manifest and an index; see the module docstring."""
     _validate_sharded(config)
-    files = expand_inputs(config.inputs)
+    inputs = expand_inputs(config.inputs)
+    files = inputs.files
     settings = output_settings(config, files, _tokenizer(config.tokenizer))
     storage.makedirs(config.output_dir)
     try:
@@ -482,7 +517,7 @@ def prepare_sharded(config: ShardedConfig) -> ShardedSummary:
         logger.info("%d of %d input files to prepare (%d finished before)", len(pending), len(files),
                     len(files) - len(pending))
         _execute(config, pending)
-        manifest = Manifest(config.name, settings, files, _all_units(config, files))
+        manifest = Manifest(config.name, settings, files, _all_units(config, files), inputs.skipped)
     if not manifest.shards:
         totals = manifest.input_totals()
         raise PrepareError(f"{', '.join(config.inputs)}: no records to write ({sum(t.documents for t in totals)} "

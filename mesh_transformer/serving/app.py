@@ -40,5 +40,5 @@ def create_app(settings: ServerSettings, build_generator: Callable[[], Generator
     app.state.service = service
     app.include_router(routes.router)
     add_error_handlers(app)
-    add_middleware(app, settings)
+    add_middleware(app, service)
     return app

@@ -1,10 +1,9 @@
 """A completion request's choices, before they are queued: each prompt tokenized and checked against
 the context window, one sequence per choice with its own sampling settings, and, for echo with
-logprobs, each prompt scored once."""
+logprobs, the prompts to score (each once, whatever n is) and how to score one."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from mesh_transformer.inference.engine import Generator
@@ -74,16 +73,14 @@ def _prompt_text(generator: Generator, ids: list[int], sequence: SequenceState) 
     return generator.tokenizer.decode(ids[:sequence.complete_prompt_tokens])
 
 
-def _scored_prompt(generator: Generator, ids: list[int], top_n: int) -> tuple[list[TokenLogprob | None], list[int]]:
-    """The prompt's log-probabilities and the text offset of each of its tokens."""
-    return prompt_logprobs(generator, ids, top_n), text_offsets(generator.tokenizer, ids)
-
-
-async def add_prompt_logprobs(plans: list[ChoicePlan], generator: Generator, top_n: int) -> None:
-    """Score each prompt once, whatever n is, off the event loop."""
-    by_prompt: dict[int, tuple[list[TokenLogprob | None], list[int]]] = {}
+def prompt_groups(plans: list[ChoicePlan]) -> list[list[ChoicePlan]]:
+    """The plans grouped by prompt: the n choices of one prompt share its score."""
+    groups: dict[int, list[ChoicePlan]] = {}
     for plan in plans:
-        key = id(plan.prompt_ids)
-        if key not in by_prompt:
-            by_prompt[key] = await asyncio.to_thread(_scored_prompt, generator, plan.prompt_ids, top_n)
-        plan.prompt_logprobs, plan.prompt_offsets = by_prompt[key]
+        groups.setdefault(id(plan.prompt_ids), []).append(plan)
+    return list(groups.values())
+
+
+def score_prompt(generator: Generator, ids: list[int], top_n: int) -> tuple[list[TokenLogprob | None], list[int]]:
+    """The prompt's log-probabilities and the text offset of each of its tokens (on the decode thread)."""
+    return prompt_logprobs(generator, ids, top_n), text_offsets(generator.tokenizer, ids)

@@ -1,9 +1,10 @@
 """What every request passes through besides its endpoint: the ASGI middleware (the access log and
-request id, the API key, the body size limit) and the handlers that answer each kind of error with
-OpenAI's error body."""
+request id, the drain gate of a shutdown, the API key, then the body's size and time limits) and the
+handlers that answer each kind of error with OpenAI's error body."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -16,17 +17,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from mesh_transformer.serving.errors import ApiError, error_response
+from mesh_transformer.serving.formatting import DONE_EVENT, error_event
 from mesh_transformer.serving.schemas import describe_validation_error
-from mesh_transformer.serving.service import ServerSettings
+from mesh_transformer.serving.service import Service
+from mesh_transformer.serving.shutdown import Drain
 
 log = logging.getLogger(__name__)
 
 
-def add_middleware(app: FastAPI, settings: ServerSettings) -> None:
-    # Starlette runs the middleware added last outermost: the access log sees every answer, the 401s and
-    # 413s of the middleware inside it included.
+def add_middleware(app: FastAPI, service: Service) -> None:
+    # Starlette runs the middleware added last outermost: the access log sees every answer, the 401s,
+    # 408s, 413s and 503s of the middleware inside it included; the API key is checked before the body
+    # is read, so a client without the key cannot hold the server reading a slow or large body.
+    settings = service.settings
+    app.add_middleware(LimitBody, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequireApiKey, api_key=settings.api_key)
-    app.add_middleware(LimitBodySize, max_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainGate, drain=service.drain)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -54,14 +60,18 @@ def add_error_handlers(app: FastAPI) -> None:
 
 async def _send_error(scope, receive, send, status: int, message: str, kind: str,
                       headers: dict[str, str] | None = None) -> None:
+    """An error answered by the middleware, maybe before the body was read: the connection closes after
+    it, rather than reading the rest of the body."""
+    headers = dict(headers or {}, Connection="close")
     await error_response(status, message, kind=kind, headers=headers)(scope, receive, send)
 
 
-class LimitBodySize:
-    """Answers 413 to a body larger than ``max_bytes`` (declared or streamed) before the app reads it."""
+class LimitBody:
+    """Reads the whole body before the app: 413 if it is larger than ``max_bytes`` (declared or sent),
+    408 if it has not all arrived ``timeout_s`` after the request head (a body that trickles in)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -70,20 +80,86 @@ class LimitBodySize:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             return await _send_error(scope, receive, send, 413, too_large, "invalid_request_error")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                messages = await self._read(receive)
+        except TimeoutError:
+            return await _send_error(scope, receive, send, 408, f"the request body did not arrive within "
+                                     f"{self.timeout_s:g} s", "timeout_error")
+        if messages is None:
+            return await _send_error(scope, receive, send, 413, too_large, "invalid_request_error")
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> list[dict] | None:
+        """The body's messages, or None once they hold more than ``max_bytes``."""
         messages, size = [], 0
         while True:
             message = await receive()
             messages.append(message)
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                return await _send_error(scope, receive, send, 413, too_large, "invalid_request_error")
+                return None
             if message["type"] != "http.request" or not message.get("more_body"):
-                break
+                return messages
 
-        async def replay():
-            return messages.pop(0) if messages else await receive()
 
-        await self.app(scope, replay, send)
+class DrainGate:
+    """While the server drains (see ``shutdown``), answers new requests 503; ``/health`` goes on to say
+    "draining". Each request let in is a running request of the drain, and when the grace is over and
+    its task is cancelled, it is answered cleanly: a JSON 503 if its response has not begun, else (a
+    stream) an error event and ``data: [DONE]``."""
+
+    OPEN_PATHS = ("/health",)
+    REFUSED = "the server is shutting down and takes no new requests; retry on another server"
+    ENDED = "the server is shutting down: the request was ended before it finished"
+
+    def __init__(self, app, drain: Drain) -> None:
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.drain.draining and scope["path"] not in self.OPEN_PATHS:
+            return await _send_error(scope, receive, send, 503, self.REFUSED, "server_error")
+        response = _WatchedResponse(send)
+        task = asyncio.current_task()
+        with self.drain.request(task):
+            try:
+                await self.app(scope, receive, response.send)
+            except asyncio.CancelledError:
+                if not self.drain.ending:
+                    raise
+                task.uncancel()
+                await self._end(scope, receive, response)
+
+    async def _end(self, scope, receive, response: _WatchedResponse) -> None:
+        if not response.started:
+            await _send_error(scope, receive, response.send, 503, self.ENDED, "server_error")
+        elif not response.complete:  # its status was sent: a stream's error is its last event
+            ended = ApiError(503, self.ENDED, kind="server_error")
+            last = (error_event(ended) + DONE_EVENT).encode() if response.streaming else b""
+            await response.send({"type": "http.response.body", "body": last, "more_body": False})
+
+
+class _WatchedResponse:
+    """Passes a response on, noting whether it has begun, whether it is a stream of server-sent events,
+    and whether it is complete."""
+
+    def __init__(self, send) -> None:
+        self._send, self.started, self.streaming, self.complete = send, False, False, False
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            self.streaming = content_type.startswith(b"text/event-stream")
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.complete = True
+        await self._send(message)
 
 
 class RequireApiKey:

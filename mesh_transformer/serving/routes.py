@@ -1,6 +1,7 @@
 """The endpoints: ``GET /health``, ``GET /v1/models``, the original ``POST /complete`` and OpenAI's
-``POST /v1/completions``, and how a request waits for its sequences on the scheduler: a full queue
-answers 429 with Retry-After, a request past its timeout 504, a client that goes away cancels it.
+``POST /v1/completions``, and how a request waits on the scheduler, for its sequences and for the
+scoring of its prompts (echo with logprobs): a full queue answers 429 with Retry-After, a request past
+its timeout 504, a client that goes away cancels it.
 
 Every endpoint is on ``router`` and gets the ``Service`` as a ``ServiceDep`` parameter; a new group of
 endpoints is one more router that ``app.create_app`` includes.
@@ -9,24 +10,29 @@ endpoints is one more router that ``app.create_app`` includes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from mesh_transformer.inference.engine import Generator
 from mesh_transformer.inference.text import SamplingParams, SequenceState
-from mesh_transformer.serving.choices import ChoicePlan, add_prompt_logprobs, check_fits, encode_prompt, plan_choices
+from mesh_transformer.serving.choices import (ChoicePlan, check_fits, encode_prompt, plan_choices, prompt_groups,
+                                              score_prompt)
 from mesh_transformer.serving.errors import ApiError
 from mesh_transformer.serving.formatting import DONE_EVENT, CompletionFormatter, count_usage, error_event
-from mesh_transformer.serving.scheduler import QueueFull, Scheduler, Ticket, Update
+from mesh_transformer.serving.scheduler import Job, JobFailed, QueueFull, Scheduler, Ticket, Update
 from mesh_transformer.serving.schemas import (CompletionRequest, CompletionResponse, LegacyRequest, LegacyResponse,
                                               ModelCard, ModelList)
 from mesh_transformer.serving.service import Service
 
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = 1
+T = TypeVar("T")
 
 router = APIRouter()
 
@@ -38,8 +44,10 @@ def _service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(_service)]
 
 
-@router.get("/health", summary="Liveness; 200 only once the model is loaded and compiled")
+@router.get("/health", summary="Liveness; 200 only once the model is loaded and compiled, 503 while draining")
 async def health(service: ServiceDep) -> JSONResponse:
+    if service.drain.draining:
+        return JSONResponse({"status": "draining", "model": service.settings.model_name}, status_code=503)
     if service.scheduler is not None:
         return JSONResponse({"status": "ok", "model": service.settings.model_name,
                              "queued": service.scheduler.queued})
@@ -80,9 +88,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     # Tokenizing may take a while: off the event loop.
     plans = await asyncio.to_thread(plan_choices, body, generator, settings.max_choices)
     usage[0] = count_usage(plans).prompt_tokens
-    if body.echo and body.logprobs is not None:
-        await add_prompt_logprobs(plans, generator, body.logprobs)
     deadline = time.monotonic() + settings.request_timeout_s
+    if body.echo and body.logprobs is not None:
+        await _score_prompts(plans, body.logprobs, generator, scheduler, request, deadline)
     ticket = _submit(scheduler, [p.sequence for p in plans])
     formatter = CompletionFormatter(body, request.state.request_id, settings.model_name, generator)
     if body.stream:
@@ -94,22 +102,30 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     return result
 
 
+async def _next(get: Callable[[], Awaitable[T]], cancel: Callable[[], None], request: Request, deadline: float,
+                watch_disconnect: bool, late: str) -> T:
+    """What ``get()`` gives; on the deadline (504, ``late`` says what was not done) or, if watched, a
+    client gone (499) first calls ``cancel``."""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            cancel()
+            raise ApiError(504, f"the request timed out before {late}", kind="timeout_error")
+        try:
+            return await asyncio.wait_for(get(), min(left, DISCONNECT_POLL_S))
+        except TimeoutError:
+            if watch_disconnect and await request.is_disconnected():
+                cancel()
+                raise ApiError(499, "client disconnected", kind="cancelled") from None
+
+
 async def _updates(ticket: Ticket, request: Request, deadline: float, watch_disconnect: bool) -> AsyncIterator[Update]:
     """The ticket's updates until every sequence has finished; cancels it on timeout, disconnect or an
     error in one of its sequences (500: the request fails, the server goes on)."""
     unfinished = len(ticket.generating)
     while unfinished:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            ticket.cancel()
-            raise ApiError(504, "the request timed out before generation finished", kind="timeout_error")
-        try:
-            update = await asyncio.wait_for(ticket.updates.get(), min(left, DISCONNECT_POLL_S))
-        except TimeoutError:
-            if watch_disconnect and await request.is_disconnected():
-                ticket.cancel()
-                raise ApiError(499, "client disconnected", kind="cancelled") from None
-            continue
+        update = await _next(ticket.updates.get, ticket.cancel, request, deadline, watch_disconnect,
+                             "generation finished")
         if update.error:
             ticket.cancel()
             raise ApiError(500, update.error, kind="server_error")
@@ -117,13 +133,46 @@ async def _updates(ticket: Ticket, request: Request, deadline: float, watch_disc
         yield update
 
 
-def _submit(scheduler: Scheduler, sequences: list[SequenceState]) -> Ticket:
-    ticket = Ticket(sequences, asyncio.get_running_loop())
+async def _score_prompts(plans: list[ChoicePlan], top_n: int, generator: Generator, scheduler: Scheduler,
+                         request: Request, deadline: float) -> None:
+    """Echo with logprobs: each prompt scored once, whatever n is, by a job queued on the decode thread
+    (so the queue bound, the timeout and a client that goes away apply to scoring as to generation).
+    The response has not begun, so a client gone is noticed here for streams too."""
+    groups = prompt_groups(plans)
+    loop = asyncio.get_running_loop()
+    jobs = [Job(functools.partial(score_prompt, generator, group[0].prompt_ids, top_n), loop) for group in groups]
+    with _busy_as_429():
+        scheduler.submit_jobs(jobs)
+
+    def cancel_all() -> None:
+        for job in jobs:
+            job.cancel()
+
     try:
-        scheduler.submit(ticket)
+        for group, job in zip(groups, jobs):
+            scored = await _next(functools.partial(asyncio.shield, job.result), cancel_all, request, deadline,
+                                 True, "its prompt was scored")
+            for plan in group:
+                plan.prompt_logprobs, plan.prompt_offsets = scored
+    except JobFailed as e:
+        raise ApiError(500, f"scoring the prompt failed: {e}", kind="server_error") from None
+    finally:
+        cancel_all()  # no effect on jobs done; drops the others from the queue
+
+
+@contextmanager
+def _busy_as_429() -> Iterator[None]:
+    try:
+        yield
     except QueueFull as e:
         raise ApiError(429, f"the server is busy ({e}); retry later", kind="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+def _submit(scheduler: Scheduler, sequences: list[SequenceState]) -> Ticket:
+    ticket = Ticket(sequences, asyncio.get_running_loop())
+    with _busy_as_429():
+        scheduler.submit(ticket)
     return ticket
 
 
@@ -134,8 +183,11 @@ def _usage_record(request: Request) -> list[int]:
 
 
 async def _complete_whole(ticket: Ticket, request: Request, deadline: float) -> None:
-    async for _ in _updates(ticket, request, deadline, watch_disconnect=True):
-        pass
+    try:
+        async for _ in _updates(ticket, request, deadline, watch_disconnect=True):
+            pass
+    finally:
+        ticket.cancel()  # no effect once finished; frees the slots of a request ended at shutdown
 
 
 async def _stream(plans: list[ChoicePlan], ticket: Ticket, request: Request, deadline: float,

@@ -5,6 +5,10 @@ HTTP handlers (on the asyncio loop) submit a ``Ticket`` holding a request's sequ
 the decode calls, and hands each piece of new text back to the ticket's loop. Finished and cancelled
 sequences leave the batch at once, so their slots are free for the next call. A sequence that fails
 alone (see ``DecodeBatch``) sends its error to its own ticket; the other tickets go on.
+
+Other work on the model (scoring a prompt) is a ``Job``: it waits in the same bounded queue, and the
+thread runs one between decode calls, so a flood of jobs neither escapes the queue's bound nor stalls
+the sequences being decoded. A job cancelled before its turn is dropped unrun.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mesh_transformer.inference.batching import DecodeBatch
 from mesh_transformer.inference.engine import Generator
@@ -80,6 +86,43 @@ class Ticket:
             self.cancel()
 
 
+class JobFailed(Exception):
+    """A job's work raised; its traceback is in the server log."""
+
+
+class Job:
+    """Work for the decode thread (``work()``, on the model), and the future its result arrives on."""
+
+    def __init__(self, work: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.work = work
+        self.result: asyncio.Future = loop.create_future()
+        self.cancelled = False
+        self._loop = loop
+
+    def cancel(self) -> None:
+        """Not wanted any more (client gone, timeout): dropped unrun if it has not started."""
+        self.cancelled = True
+
+    def run(self) -> None:
+        """On the decode thread; an error fails this job alone."""
+        try:
+            outcome = (self.work(), None)
+        except Exception:
+            log.exception("a job failed; failing its request")
+            outcome = (None, JobFailed("internal error; see the server log"))
+        try:
+            self._loop.call_soon_threadsafe(self._settle, *outcome)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            self.cancel()
+
+    def _settle(self, value: Any, error: JobFailed | None) -> None:
+        if not self.result.done():
+            if error:
+                self.result.set_exception(error)
+            else:
+                self.result.set_result(value)
+
+
 class Scheduler:
     """Runs the decode loop on a background thread; ``submit`` is safe to call from any thread."""
 
@@ -88,6 +131,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.batch: DecodeBatch = generator.batch(slots, steps_per_call)
         self._waiting: deque[tuple[Ticket, int]] = deque()
+        self._jobs: deque[Job] = deque()
         self._owners: dict[int, tuple[Ticket, int]] = {}  # id(sequence) -> (ticket, index), while in the batch
         self._wake = threading.Condition()
         self._stopping = False
@@ -104,25 +148,36 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        """Sequences and jobs waiting for their turn."""
+        return len(self._waiting) + len(self._jobs)
 
     def submit(self, ticket: Ticket) -> None:
         """Queue the ticket's unfinished sequences; raises QueueFull when the queue is at its bound."""
-        waiting = [(ticket, i) for i in ticket.generating]
         with self._wake:
-            if len(self._waiting) + len(waiting) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} sequences are waiting (the queue holds {self.max_queue})")
-            self._waiting.extend(waiting)
+            self._check_room(len(ticket.generating))
+            self._waiting.extend((ticket, i) for i in ticket.generating)
             self._wake.notify()
+
+    def submit_jobs(self, jobs: list[Job]) -> None:
+        """Queue the jobs, all or none; raises QueueFull when the queue is at its bound."""
+        with self._wake:
+            self._check_room(len(jobs))
+            self._jobs.extend(jobs)
+            self._wake.notify()
+
+    def _check_room(self, count: int) -> None:
+        if self.queued + count > self.max_queue:
+            raise QueueFull(f"{self.queued} sequences and prompts are waiting (the queue holds {self.max_queue})")
 
     def _run(self) -> None:
         while not self._stopping:
             try:
                 self._drop_cancelled()
+                self._run_next_job()
                 self._admit()
                 if self.batch.active:
                     self._publish(self.batch.step())
-                else:
+                elif not self._jobs:
                     self._idle()
             except Exception:  # keep serving: fail the requests in flight, start a fresh batch
                 log.exception("decode loop failed; failing the requests in flight")
@@ -130,8 +185,15 @@ class Scheduler:
 
     def _idle(self) -> None:
         with self._wake:
-            if not self._waiting and not self._stopping:
+            if not self._waiting and not self._jobs and not self._stopping:
                 self._wake.wait(IDLE_WAIT_S)
+
+    def _run_next_job(self) -> None:
+        """One job per decode call: decoding goes on between them."""
+        with self._wake:
+            job = self._jobs.popleft() if self._jobs else None
+        if job is not None and not job.cancelled:
+            job.run()
 
     def _drop_cancelled(self) -> None:
         for sequence in self.batch.active:
@@ -141,8 +203,8 @@ class Scheduler:
                 self.batch.release(sequence)
                 del self._owners[id(sequence)]
         with self._wake:
-            kept = [(t, i) for t, i in self._waiting if not t.cancelled]
-            self._waiting = deque(kept)
+            self._waiting = deque((t, i) for t, i in self._waiting if not t.cancelled)
+            self._jobs = deque(job for job in self._jobs if not job.cancelled)
 
     def _admit(self) -> None:
         with self._wake:

@@ -1,5 +1,6 @@
-"""The service behind the endpoints: the server's settings, and the model with its decode loop,
-loaded and compiled on a background thread (until then every endpoint but ``/health`` answers 503)."""
+"""The service behind the endpoints: the server's settings, the model with its decode loop, loaded
+and compiled on a background thread (until then every endpoint but ``/health`` answers 503), and the
+drain state of a shutdown."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from mesh_transformer.inference.engine import Generator
 from mesh_transformer.serving.errors import ApiError
 from mesh_transformer.serving.scheduler import Scheduler
+from mesh_transformer.serving.shutdown import Drain
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,10 @@ class ServerSettings:
     max_choices: int = 16  # prompts x n in one request
     cors_origins: tuple[str, ...] = ()
     compile_all: bool = False  # compile every decode shape at start: slower start, no compile pauses later
+    header_timeout_s: float = 10.0  # to send a whole request head (connections.py)
+    body_timeout_s: float = 30.0  # to send the whole body, once the head is in
+    max_connections: int = 256  # open at once; beyond, 503
+    shutdown_grace_s: float = 20.0  # on SIGTERM, for the running requests to finish (shutdown.py)
 
 
 class Service:
@@ -38,6 +44,7 @@ class Service:
         self.generator: Generator | None = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
+        self.drain = Drain()
 
     def load(self, build: Callable[[], Generator], on_failure: Callable[[], None] | None) -> None:
         try:

@@ -72,26 +72,24 @@ class TrainingDiverged(RuntimeError):
 HookFactory = Callable[["TrainingRun"], Hook]
 
 
-def load_run_tokenizer(config: Config) -> Tokenizer | None:
-    """The config's tokenizer, loaded once per run; None (with a warning saying what is skipped) if it
-    cannot be loaded."""
+def load_run_tokenizer(config: Config) -> Tokenizer:
+    """The config's tokenizer, loaded once per run. One that cannot be loaded (a path that does not exist,
+    a hub name neither cached nor reachable) is a ConfigError, as a misspelt key is: training on without it
+    would leave the padded vocabulary ids unmasked, and it is what sampling the run's checkpoints reads."""
     try:
         return load_tokenizer(config.run.tokenizer)
-    except Exception as e:  # the tokenizer is optional for training; say clearly what is skipped
-        log.warning("could not load tokenizer %r (%s); padded vocabulary ids will not be masked in the loss",
-                    config.run.tokenizer, e)
-        return None
+    except (ValueError, OSError) as e:  # TokenizerError, or a tokenizer file that cannot be read
+        reason = " ".join(str(e).split())  # transformers' messages span lines
+        raise ConfigError(f"{config.source}: config key 'tokenizer' is {config.run.tokenizer!r}, which cannot be "
+                          f"loaded: {reason}") from e
 
 
-def document_eos(config: Config, tokenizer: Tokenizer | None) -> int | None:
+def document_eos(config: Config, tokenizer: Tokenizer) -> int | None:
     """The token that ends each packed document, when documents must not attend to each other."""
     if not config.train.reset_attention_at_eos:
         return None
     if config.train.eos_token_id is not None:
         return config.train.eos_token_id
-    if tokenizer is None:
-        raise ConfigError(f"{config.source}: reset_attention_at_eos needs the EOS id: tokenizer "
-                          f"{config.run.tokenizer!r} could not be loaded; set eos_token_id")
     eos = tokenizer.eos_token_id
     if not 0 <= eos < config.model.n_vocab:
         raise ConfigError(f"{config.source}: reset_attention_at_eos: tokenizer {config.run.tokenizer!r} ends "
@@ -121,9 +119,9 @@ class TrainingRun:
             raise ConfigError(f"{config.source}: set train_set to an index file listing the training tfrecords.")
         self.config, self.options = config, options
         self.mesh = make_mesh(config)
+        tokenizer = load_run_tokenizer(config)  # before the hooks, some of which (the harness's) load it too
         callers_hooks = [make(self) for make in hooks]
-        tokenizer = load_run_tokenizer(config)
-        real_vocab = None if tokenizer is None else real_vocab_size(tokenizer, config.model.n_vocab, config.source)
+        real_vocab = real_vocab_size(tokenizer, config.model.n_vocab, config.source)
         self.trainer = Trainer(config, self.mesh, real_vocab=real_vocab, document_eos=document_eos(config, tokenizer))
         self.run_dir = config.run.checkpoint_dir
         self.checkpointer = Checkpointer(self.run_dir, keep_last=config.train.keep_last,

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 
 from mesh_transformer.checkpoints.format import LORA_BASE, TRAIN_LOADER, restore_train_fields
-from mesh_transformer.checkpoints.locate import lora_base_pointer
+from mesh_transformer.checkpoints.locate import lora_base_pointer, native_checkpoint
 from mesh_transformer.checkpoints.params import load_lora_base
-from mesh_transformer.checkpoints.store import BadCheckpoint, Checkpointer, resolve_checkpoint
+from mesh_transformer.checkpoints.store import BadCheckpoint, Checkpointer
 from mesh_transformer.config import ConfigError
 from mesh_transformer.data.loader import LoaderState
 from mesh_transformer.data.mixture import MixtureState, loader_state_from_dict
@@ -76,7 +76,7 @@ def _lora_start(trainer: Trainer, tune_model_path: str | None) -> StartingState:
 
 
 def _fine_tune_start(trainer: Trainer, tune_model_path: str, fresh_opt: bool) -> TrainState:
-    source_dir, step = resolve_checkpoint(tune_model_path)
+    source_dir, step = native_checkpoint(tune_model_path)
     log.info("fine-tuning from %s step %d (schedule restarts at 0%s)", source_dir, step,
              ", fresh optimizer state" if fresh_opt else "")
     abstract = trainer.abstract_state()

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mesh_transformer.checkpoints.store import BadCheckpoint, Checkpointer, CheckpointSaveFailed
+from tests.helpers import strip_checksums
 
 MESH = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "mp"), axis_types=(AxisType.Auto,) * 2)
 
@@ -93,6 +94,13 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def edit_metadata(step_dir: Path, edit) -> None:
+    path = step_dir / "metadata" / "metadata"
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+
+
 DAMAGE = {
     "flipped byte": (lambda step: flip_middle_byte(largest_file(step / "state")),
                      "array params/w does not match the checksum recorded at save"),
@@ -102,6 +110,9 @@ DAMAGE = {
     "edited metadata": (lambda step: (step / "metadata" / "metadata").write_text(
         (step / "metadata" / "metadata").read_text().replace('"step": 2', '"step": 3')),
                         "its metadata does not match the crc32c recorded at save"),
+    # Written with checksums (this version says so in the metadata): without them it is damaged, not old.
+    "deleted checksum record": (lambda step: edit_metadata(step, lambda metadata: metadata.pop("integrity")),
+                                "its checksum record is missing"),
 }
 
 
@@ -174,21 +185,16 @@ def test_loading_parameters_for_inference_verifies_them(tmp_path, caplog):
     assert "checkpoint step 2" in caplog.text and "trying the checkpoint before it" in caplog.text
 
 
-def strip_checksums(step_dir: Path) -> None:
-    """Make a checkpoint look like one written before checksums were recorded."""
-    path = step_dir / "metadata" / "metadata"
-    metadata = json.loads(path.read_text())
-    del metadata["integrity"]
-    path.write_text(json.dumps(metadata))
-
-
-def test_checkpoints_without_checksums_still_restore_unverified(run_dir, caplog):
+def test_checkpoints_without_checksums_still_restore_unverified_with_a_warning(run_dir, caplog):
     strip_checksums(run_dir / "step_2")
-    with Checkpointer(str(run_dir)) as checkpoints, caplog.at_level(logging.INFO):
+    with Checkpointer(str(run_dir)) as checkpoints, caplog.at_level(logging.WARNING):
         restored, metadata = checkpoints.restore(abstract_of(make_state(0)), step=2)
+        checkpoints.restore(abstract_of(make_state(0)), step=2)
         assert metadata == {"step": 2}
         assert_trees_equal(restored, make_state(2))
-        assert "has no checksums (written by an older version): not verified" in caplog.text
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [f"checkpoint step 2 in {run_dir} has no checksums (written by a version before they "
+                            "were recorded): loaded unverified"]  # once per step
         # An entry that was never saved is a mismatch, not damage (training probes for optional entries).
         with pytest.raises(ValueError, match=r"step 2 .*holds no \['guard'\]") as raised:
             checkpoints.restore({"guard": abstract_of(make_state(0))["opt_state"]}, step=2, restore_keys=("guard",))

@@ -1,14 +1,16 @@
 """Input documents (``data/documents.py``): the input formats, finding input files, errors naming the file,
 normalisation. (Not test_documents.py: tests/models has one, and test file names must be unique.)"""
 
+import io
 import json
 import lzma
+import tarfile
 
 import pytest
 import zstandard
 
 from mesh_transformer.data import documents as documents_module
-from mesh_transformer.data.documents import PrepareError, iter_documents, list_input_files, wikitext_detokenize
+from mesh_transformer.data.documents import PrepareError, find_input_files, iter_documents, wikitext_detokenize
 
 
 def write_zst_jsonl(path, lines):
@@ -48,16 +50,65 @@ def test_xz_text_and_eot_as_text(tmp_path):
     assert list(iter_documents(str(tmp_path / "a.xz"), split_on_eot=False)) == ["left<|endoftext|>right"]
 
 
-def test_unknown_file_type_names_the_file(tmp_path):
+def test_a_file_named_alone_must_be_an_input_format(tmp_path):
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(PrepareError, match=r"notes.md: unsupported input file type"):
+        find_input_files(str(tmp_path / "notes.md"))
+
+
+def test_files_of_a_folder_that_are_not_an_input_format_are_skipped_and_listed(tmp_path, caplog):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("README.md", "a.txt", "sub/b.jsonl", "sub/notes.pdf"):
+        (tmp_path / "in" / name).write_text("x")
+    with caplog.at_level("INFO"):
+        found = find_input_files(str(tmp_path / "in"))
+    assert found.files == [str(tmp_path / "in" / name) for name in ("a.txt", "sub/b.jsonl")]
+    assert found.skipped == [str(tmp_path / "in" / name) for name in ("README.md", "sub/notes.pdf")]
+    assert "skipped 2 files that are not an input format" in caplog.text and "README.md" in caplog.text
+
+
+def test_a_folder_of_foreign_files_only_is_an_error_listing_them(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.md").write_text("x")
-    with pytest.raises(PrepareError, match=r"notes.md: unsupported input file type"):
-        list_input_files(str(tmp_path / "in"))
+    with pytest.raises(PrepareError, match=r"holds no input files .*; skipped 1 file that is not an input format: "
+                                           r".*notes.md"):
+        find_input_files(str(tmp_path / "in"))
 
 
 def test_missing_input_is_an_error(tmp_path):
     with pytest.raises(PrepareError, match="does not exist"):
-        list_input_files(str(tmp_path / "nothing"))
+        find_input_files(str(tmp_path / "nothing"))
+
+
+def write_tar_gz(path, members):
+    """A .tar.gz of ``members``: name -> bytes (a file), None (a folder) or a str (a symlink to it)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            member = tarfile.TarInfo(name)
+            if content is None:
+                member.type = tarfile.DIRTYPE
+            elif isinstance(content, str):
+                member.type, member.linkname = tarfile.SYMTYPE, content
+            else:
+                member.size = len(content)
+            tar.addfile(member, io.BytesIO(content) if isinstance(content, bytes) else None)
+
+
+def test_tar_gz_members_are_documents_in_archive_order(tmp_path):
+    write_tar_gz(tmp_path / "texts.tar.gz", {
+        "texts": None, "texts/z.txt": b"last name, first member", "texts/empty.txt": b"",
+        "texts/link.txt": "z.txt", "texts/a.jsonl": b'{"text": "read as text"}<|endoftext|>second',
+    })
+    assert list(iter_documents(str(tmp_path / "texts.tar.gz"))) == [
+        "last name, first member", '{"text": "read as text"}', "second"]
+    assert list(iter_documents(str(tmp_path / "texts.tar.gz"), split_on_eot=False))[-1] == \
+        '{"text": "read as text"}<|endoftext|>second'
+
+
+def test_a_tar_gz_member_that_is_not_utf8_is_named(tmp_path):
+    write_tar_gz(tmp_path / "texts.tar.gz", {"good.txt": b"fine", "bad.bin": b"\xff\xfe"})
+    with pytest.raises(PrepareError, match=r"texts.tar.gz: member bad.bin: not valid UTF-8"):
+        list(iter_documents(str(tmp_path / "texts.tar.gz")))
 
 
 def test_wikitext_detokenize():

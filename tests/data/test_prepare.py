@@ -9,7 +9,7 @@ import pytest
 
 from mesh_transformer import storage
 from mesh_transformer.cli.create_tfrecords import main
-from mesh_transformer.data.documents import PrepareError, list_input_files
+from mesh_transformer.data.documents import PrepareError, find_input_files
 from mesh_transformer.data.loader import TFRecordLoader
 from mesh_transformer.data.prepare import PrepareConfig, RecordPacker, buffered_shuffle, prepare_tfrecords
 from mesh_transformer.data.tfrecord import decode_example, iter_records
@@ -95,9 +95,20 @@ def test_folder_is_read_recursively_in_sorted_order(tmp_path):
     (folder / ".cache").mkdir()
     (folder / ".cache" / "x.txt").write_text("ignored")
     write_zst_jsonl(folder / "b" / "3.jsonl.zst", [{"text": "three"}])
-    assert [os.path.relpath(p, folder) for p in list_input_files(str(folder))] == ["a.xz", "b/2.txt", "b/3.jsonl.zst"]
+    assert [os.path.relpath(p, folder) for p in find_input_files(str(folder)).files] == \
+        ["a.xz", "b/2.txt", "b/3.jsonl.zst"]
     _, records = prepare(tmp_path, folder)
     assert real_tokens(records) == byte_stream("one", "two", "three")
+
+
+def test_files_that_are_not_an_input_format_are_skipped_and_listed(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "README.md").write_text("not data")
+    (tmp_path / "in" / "a.txt").write_text("data")
+    summary, records = prepare(tmp_path, tmp_path / "in")
+    assert real_tokens(records) == byte_stream("data")
+    assert summary.skipped_files == [str(tmp_path / "in" / "README.md")]
+    assert "skipped 1 file that is not an input format" in summary.describe()
 
 
 def test_min_unique_tokens_skips_and_counts_documents(tmp_path):
@@ -132,7 +143,8 @@ def test_shuffle_is_seeded_and_keeps_every_document(tmp_path):
 
 def test_repack_epochs_repeat_the_data_shuffled_differently(tmp_path):
     documents = _documents_file(tmp_path, count=20)
-    summary, records = prepare(tmp_path, tmp_path / "in.txt", preserve_data_order=False, n_repack_epochs=2)
+    summary, records = prepare(tmp_path, tmp_path / "in.txt", preserve_data_order=False, n_repack_epochs=2,
+                               shuffle_buffer_tokens=100)
     order = _document_order(records)
     assert summary.documents == 40
     assert sorted(order[:20]) == sorted(order[20:]) == sorted(str(i) for i in range(len(documents)))
@@ -200,5 +212,5 @@ def test_command_line_no_index_and_errors(tmp_path, capsys):
     (tmp_path / "a.pdf").write_text("abc")
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "a.pdf"), "n", "--output-dir", str(tmp_path / "o"), "--tokenizer", "bytes"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert "a.pdf: unsupported input file type" in capsys.readouterr().err

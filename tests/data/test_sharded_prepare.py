@@ -4,6 +4,7 @@ checks, set selection, the manifest's counts, and gs:// output read back by the 
 import filecmp
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,9 +165,22 @@ def test_min_unique_tokens_and_dropped_final_chunks_are_counted(corpus, tmp_path
 def test_inputs_as_globs_and_files_are_sorted_without_repeats(corpus):
     folder, _ = corpus
     files = sorted(str(p) for p in folder.glob("*.jsonl.zst"))
-    assert expand_inputs([str(folder / "0[12].jsonl.zst"), files[0], str(folder)]) == files
+    assert expand_inputs([str(folder / "0[12].jsonl.zst"), files[0], str(folder)]).files == files
     with pytest.raises(PrepareError, match="matches no files"):
         expand_inputs([str(folder / "*.txt")])
+
+
+def test_foreign_files_are_skipped_and_listed_in_the_manifest(corpus, reference, tmp_path):
+    folder = tmp_path / "with-readme"
+    shutil.copytree(corpus[0], folder)
+    (folder / "README.md").write_text("about this corpus")
+    summary = prepare_sharded(config([folder], tmp_path / "out"))
+    shards_and_index = {name for name in output_files(reference) if name != "pile.manifest.json"}
+    assert {name: output_files(tmp_path / "out")[name] for name in shards_and_index} == \
+        {name: output_files(reference)[name] for name in shards_and_index}
+    assert json.loads(Path(summary.manifest_url).read_text())["skipped_files"] == [str(folder / "README.md")]
+    assert f"skipped 1 file that is not an input format: {folder}/README.md" in summary.describe()
+    assert expand_inputs([str(folder / "*")]).skipped == [str(folder / "README.md")]
 
 
 def prepare_command(corpus_dir: Path, out: Path) -> list[str]:

@@ -104,8 +104,9 @@ def random_requests(tokenizer, count: int) -> list[dict]:
     rng = random.Random(0)
     prompts = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 6))).decode("utf-8", "replace")
                for _ in range(count)]
-    return [dict(prompt=p, max_tokens=rng.randint(1, 12), temperature=1.0, seed=rng.randrange(2**32), logprobs=0)
-            for p in prompts]
+    # Every third echoes its prompt, so prompt scoring (a job on the decode thread) is compared too.
+    return [dict(prompt=p, max_tokens=rng.randint(1, 12), temperature=1.0, seed=rng.randrange(2**32), logprobs=0,
+                 echo=i % 3 == 0) for i, p in enumerate(prompts)]
 
 
 def assert_streams_equal_whole_answers(server: InProcessServer, bodies: list[dict]) -> None:

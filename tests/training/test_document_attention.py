@@ -25,6 +25,11 @@ def test_a_tokenizer_eos_outside_the_vocabulary_is_a_one_line_error():
         eos_of(tiny_config(reset_attention_at_eos=True))  # bytes: EOS 256, n_vocab 64
 
 
-def test_a_tokenizer_that_cannot_load_asks_for_eos_token_id():
-    with pytest.raises(ConfigError, match="set eos_token_id"):
-        eos_of(tiny_config(reset_attention_at_eos=True, tokenizer="/no/such/tokenizer.json"))
+@pytest.mark.parametrize("spec", ["/no/such/tokenizer.json", "./no-such-folder", "no-such-org/no-such-model"])
+def test_a_tokenizer_that_cannot_load_is_one_line_naming_the_key(spec):
+    """Also with eos_token_id set, and for a hub name (the tests run offline: HF_HUB_OFFLINE)."""
+    with pytest.raises(ConfigError) as error:
+        load_run_tokenizer(tiny_config(tokenizer=spec, reset_attention_at_eos=True, eos_token_id=3))
+    message = str(error.value)
+    assert message.startswith(f"tiny-test-config: config key 'tokenizer' is {spec!r}, which cannot be loaded: ")
+    assert "\n" not in message

@@ -24,7 +24,7 @@ from mesh_transformer.sharding import make_mesh
 from mesh_transformer.training.run import TrainOptions, train
 from mesh_transformer.training.steps import Trainer
 
-from tests.helpers import REPO, strict_json
+from tests.helpers import REPO, strict_json, strip_checksums
 
 SEQ = 32
 VOCAB = 257  # the byte tokenizer
@@ -277,12 +277,6 @@ def train_quietly(config):
 
 def largest_file(directory: Path) -> Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def strip_checksums(step_dir: Path) -> None:
-    """Make a checkpoint look like one written before checksums were recorded."""
-    path = step_dir / "metadata" / "metadata"
-    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "integrity"}))
 
 
 def test_resume_passes_over_damaged_and_non_finite_checkpoints_and_sets_them_aside(tmp_path, data_dir, fast_runs,
