@@ -38,8 +38,9 @@ def gcs_bucket(gcs_emulator, request):
 
 @pytest.fixture(autouse=True, scope="module")
 def release_compiled_programs():
-    """Drop JAX's compiled programs after each test module. The whole suite runs in one process, and
-    without this every module's executables stay resident to the end (modules rarely share them)."""
+    """Drop JAX's compiled programs after each test module. Each tier of the suite (.ci/tests) runs in one
+    process, and without this every module's executables stay resident to the end (modules rarely share
+    them)."""
     yield
     import gc
 
